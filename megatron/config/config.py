@@ -1,0 +1,197 @@
+"""The run's configuration: loaded, merged, derived and validated once, then never changed.
+
+`load_config` is the only way to build a `NeoXConfig`. Derived values (data-parallel size, the
+batch triple, the padded vocabulary, warmup iterations...) live in `NeoXConfig.derived`, computed
+in one place, so no other module recomputes them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from megatron.config.loader import ConfigError, Override, merge_files, split_into_groups
+from megatron.config.schema import (
+    CheckpointConfig,
+    DataConfig,
+    LauncherConfig,
+    LoggingConfig,
+    LRConfig,
+    ModelConfig,
+    OptimizerConfig,
+    ParallelConfig,
+    TrainingConfig,
+)
+from megatron.config.validate import check_choices, check_files, check_model, check_precision
+
+
+@dataclass(frozen=True)
+class Derived:
+    world_size: int
+    data_parallel_size: int
+    train_batch_size: int
+    micro_batch_size: int
+    gradient_accumulation_steps: int
+    train_iters: int
+    lr_decay_iters: int
+    warmup_iters: int
+    intermediate_size: int
+    max_position_embeddings: int
+    vocab_size: int | None
+    padded_vocab_size: int | None
+    precision: str
+    lr: float
+
+
+@dataclass(frozen=True)
+class NeoXConfig:
+    model: ModelConfig
+    parallel: ParallelConfig
+    optimizer: OptimizerConfig
+    lr: LRConfig
+    data: DataConfig
+    training: TrainingConfig
+    checkpoint: CheckpointConfig
+    logging: LoggingConfig
+    launcher: LauncherConfig
+    derived: Derived
+    config_files: tuple[str, ...]
+    overrides: tuple[Override, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Flat GPT-NeoX-style dict of every key (for wandb and the saved run config)."""
+        flat: dict[str, Any] = {}
+        for group in ("model", "parallel", "optimizer", "lr", "data", "training",
+                      "checkpoint", "logging", "launcher"):
+            flat.update(dataclasses.asdict(getattr(self, group)))
+        flat.update({f"derived.{k}": v for k, v in dataclasses.asdict(self.derived).items()})
+        return flat
+
+
+def default_world_size(parallel: ParallelConfig, launcher: LauncherConfig) -> int:
+    """Processes the launcher starts when the caller does not say: num_gpus per node, else TP x PP."""
+    per_node = launcher.num_gpus or parallel.model_parallel_size * max(parallel.pipe_parallel_size, 1)
+    return per_node * launcher.num_nodes
+
+
+def _batch_triple(training: TrainingConfig, dp: int) -> tuple[int, int, int]:
+    """Any two of (global, micro, grad-accum) give the third; all three must agree."""
+    train, micro, gas = (training.train_batch_size, training.train_micro_batch_size_per_gpu,
+                         training.gradient_accumulation_steps)
+    if micro is not None and gas is not None:
+        if train is not None and train != micro * gas * dp:
+            raise ConfigError(
+                f"train_batch_size {train} != train_micro_batch_size_per_gpu {micro} x "
+                f"gradient_accumulation_steps {gas} x data-parallel size {dp} (= {micro * gas * dp})"
+            )
+        return micro * gas * dp, micro, gas
+    if train is not None:
+        if micro is None and gas is None:
+            gas = 1
+        known = micro if micro is not None else gas
+        if train % (known * dp):
+            what = "train_micro_batch_size_per_gpu" if micro is not None else "gradient_accumulation_steps"
+            raise ConfigError(
+                f"train_batch_size {train} is not divisible by {what} {known} x data-parallel size {dp}"
+            )
+        other = train // (known * dp)
+        return (train, known, other) if micro is not None else (train, other, known)
+    if micro is not None:
+        return micro * dp, micro, 1
+    raise ConfigError(
+        "set two of train_batch_size, train_micro_batch_size_per_gpu, gradient_accumulation_steps"
+    )
+
+
+def _precision(opt: OptimizerConfig) -> str:
+    fp16_on = opt.fp16.enabled or bool(opt.fp16.fp16)
+    if opt.fp16.type == "bfloat16":
+        fp16_on, bf16_on = False, True
+    else:
+        bf16_on = opt.bf16.enabled
+    if fp16_on and bf16_on:
+        raise ConfigError("fp16 and bf16 are both enabled: choose one")
+    derived = "fp16" if fp16_on else "bfloat16" if bf16_on else "fp32"
+    if opt.precision is not None and opt.precision != derived:
+        raise ConfigError(f"precision {opt.precision!r} disagrees with the fp16/bf16 blocks ({derived!r})")
+    return derived
+
+
+def derive(groups: dict[str, Any], world_size: int, vocab_size: int | None) -> Derived:
+    model: ModelConfig = groups["model"]
+    parallel: ParallelConfig = groups["parallel"]
+    training: TrainingConfig = groups["training"]
+    lr: LRConfig = groups["lr"]
+    tp, pp = parallel.model_parallel_size, max(parallel.pipe_parallel_size, 1)
+    if tp < 1 or parallel.pipe_parallel_size < 0:
+        raise ConfigError(f"model_parallel_size must be >= 1 and pipe_parallel_size >= 0 (got {tp}, {parallel.pipe_parallel_size})")
+    if world_size % (tp * pp):
+        raise ConfigError(
+            f"world size {world_size} is not divisible by model_parallel_size {tp} x "
+            f"pipe_parallel_size {pp} = {tp * pp}"
+        )
+    dp = world_size // (tp * pp)
+    train, micro, gas = _batch_triple(training, dp)
+    tokens_per_iter = train * model.seq_length
+    if training.train_iters is not None:
+        train_iters = training.train_iters
+    elif training.train_tokens is not None:
+        train_iters = math.ceil(training.train_tokens / tokens_per_iter)
+    else:
+        raise ConfigError("set train_iters or train_tokens")
+    if train_iters < 1:
+        raise ConfigError(f"train_iters must be >= 1, got {train_iters}")
+    decay = lr.lr_decay_iters or train_iters
+    vocab = model.vocab_size if model.vocab_size is not None else vocab_size
+    padded = None
+    if vocab is not None:
+        multiple = model.make_vocab_size_divisible_by * tp
+        padded = -(-vocab // multiple) * multiple
+    opt: OptimizerConfig = groups["optimizer"]
+    return Derived(
+        world_size=world_size,
+        data_parallel_size=dp,
+        train_batch_size=train,
+        micro_batch_size=micro,
+        gradient_accumulation_steps=gas,
+        train_iters=train_iters,
+        lr_decay_iters=decay,
+        warmup_iters=int(lr.warmup * decay),
+        intermediate_size=model.intermediate_size or 4 * model.hidden_size,
+        max_position_embeddings=model.max_position_embeddings or model.seq_length,
+        vocab_size=vocab,
+        padded_vocab_size=padded,
+        precision=_precision(opt),
+        lr=float(opt.optimizer.params.get("lr", 6e-4)),
+    )
+
+
+def load_config(
+    paths: list[str],
+    world_size: int | None = None,
+    require_files: bool = True,
+    vocab_size: int | None = None,
+) -> NeoXConfig:
+    """Merge YAML files, derive, validate.
+
+    world_size: the number of processes of the run; by default what the launcher would start.
+    require_files: check that data and tokenizer files exist (False for planning, e.g. --dry-run).
+    vocab_size: the tokenizer's size when the caller has already loaded it.
+    """
+    values, origin, overrides = merge_files(paths)
+    groups = split_into_groups(values, origin)
+    check_choices(groups)
+    if require_files:
+        check_files(groups["data"])
+    if world_size is None:
+        world_size = default_world_size(groups["parallel"], groups["launcher"])
+    derived = derive(groups, world_size, vocab_size)
+    check_model(groups["model"], groups["parallel"], derived)
+    check_precision(groups["optimizer"], groups["parallel"], derived)
+    return NeoXConfig(
+        **groups, derived=derived,
+        config_files=tuple(str(Path(p)) for p in paths), overrides=tuple(overrides),
+    )

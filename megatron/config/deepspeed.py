@@ -1,0 +1,40 @@
+"""The DeepSpeed JSON config, derived from the same YAML (as GPT-NeoX does)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from megatron.config.config import NeoXConfig
+
+
+def deepspeed_config(cfg: NeoXConfig) -> dict[str, Any]:
+    opt, d = cfg.optimizer, cfg.derived
+    zero = dataclasses.asdict(opt.zero_optimization)
+    if zero.pop("cpu_offload"):
+        zero["offload_optimizer"] = {"device": "cpu"}
+    ds: dict[str, Any] = {
+        "train_batch_size": d.train_batch_size,
+        "train_micro_batch_size_per_gpu": d.micro_batch_size,
+        "gradient_accumulation_steps": d.gradient_accumulation_steps,
+        # DeepSpeed 0.19 defaults clipping to 1.0: always pass the configured value.
+        "gradient_clipping": opt.gradient_clipping,
+        "zero_optimization": zero,
+        "steps_per_print": cfg.logging.steps_per_print,
+        "wall_clock_breakdown": cfg.logging.wall_clock_breakdown,
+        # The optimizer is built by us (param groups without decay on biases and norms).
+        "zero_allow_untested_optimizer": True,
+    }
+    if d.precision == "fp16":
+        fp16 = opt.fp16
+        ds["fp16"] = {
+            "enabled": True,
+            "loss_scale": fp16.loss_scale,
+            "loss_scale_window": fp16.loss_scale_window,
+            "initial_scale_power": fp16.initial_scale_power,
+            "hysteresis": fp16.hysteresis,
+            "min_loss_scale": fp16.min_loss_scale,
+        }
+    elif d.precision == "bfloat16":
+        ds["bf16"] = {"enabled": True}
+    return ds

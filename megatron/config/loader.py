@@ -1,0 +1,164 @@
+"""Reading YAML files into typed config groups.
+
+Files merge left to right: a later file overrides an earlier one (nested blocks merge key by key),
+and every override is recorded so the launcher can say what it replaced. GPT-NeoX rejects the
+same key in two files, which breaks its own `20B.yml local_setup.yml` recipe; here the later wins.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from megatron.config.schema import GROUPS
+
+
+class ConfigError(ValueError):
+    """A user error in the configuration: the message says what to change."""
+
+
+@dataclass(frozen=True)
+class Override:
+    key: str
+    old_value: Any
+    old_file: str
+    new_value: Any
+    new_file: str
+
+    def __str__(self) -> str:
+        return f"{self.key}: {self.old_value!r} ({self.old_file}) -> {self.new_value!r} ({self.new_file})"
+
+
+def normalize_key(key: str) -> str:
+    return str(key).replace("-", "_")
+
+
+def _normalize(tree: Any) -> Any:
+    if isinstance(tree, dict):
+        return {normalize_key(k): _normalize(v) for k, v in tree.items()}
+    return tree
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys to values, got {type(tree).__name__}")
+    flat: dict = {}
+    for key, value in tree.items():
+        norm = normalize_key(key)
+        if norm in flat:
+            raise ConfigError(f"{path}: key {key!r} appears twice (hyphens and underscores are the same key)")
+        flat[norm] = _normalize(value)
+    return flat
+
+
+def merge_files(paths: list[str]) -> tuple[dict, dict[str, str], list[Override]]:
+    """Merge YAML files left to right. Returns (values, file each key came from, overrides)."""
+    merged: dict = {}
+    origin: dict[str, str] = {}
+    overrides: list[Override] = []
+
+    def merge_into(dst: dict, src: dict, prefix: str, path: str) -> None:
+        for key, value in src.items():
+            name = prefix + key
+            if key in dst and isinstance(dst[key], dict) and isinstance(value, dict):
+                merge_into(dst[key], value, name + ".", path)
+                continue
+            if key in dst and dst[key] != value:
+                overrides.append(Override(name, dst[key], origin[name], value, path))
+            dst[key] = value
+            origin[name] = path
+
+    for path in paths:
+        merge_into(merged, read_yaml(path), "", str(path))
+    return merged, origin, overrides
+
+
+def _field_names(cls: type) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)]
+
+
+def known_keys() -> dict[str, str]:
+    """Every top-level YAML key and the group that owns it."""
+    owner: dict[str, str] = {}
+    for group, cls in GROUPS.items():
+        for name in _field_names(cls):
+            assert name not in owner, f"{name} declared in two groups"
+            owner[name] = group
+    return owner
+
+
+def unknown_key_error(key: str, valid: list[str], where: str) -> ConfigError:
+    close = difflib.get_close_matches(key, valid, n=3, cutoff=0.6)
+    hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    return ConfigError(f"unknown config key {key!r}{where}{hint}")
+
+
+def _coerce(value: Any, hint: Any, name: str, where: str) -> Any:
+    """Check a YAML value against a field's type; ints are accepted where floats are expected."""
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{name}{where}: expected a mapping, got {value!r}")
+        return build_dataclass(hint, value, name + ".", where)
+    args = typing.get_args(hint)
+    allowed = [a for a in args if a is not type(None)] if args else [hint]
+    if value is None:
+        if type(None) in args:
+            return None
+        raise ConfigError(f"{name}{where}: must not be null")
+    for kind in allowed:
+        origin = typing.get_origin(kind) or kind
+        if origin is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if origin is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if origin is float and isinstance(value, str):
+            try:  # YAML reads 1e-5 without a dot as a string
+                return float(value)
+            except ValueError:
+                pass
+        if origin in (str, bool, list, dict) and isinstance(value, origin):
+            return value
+    expected = " or ".join(getattr(k, "__name__", str(k)) for k in allowed)
+    raise ConfigError(f"{name}{where}: expected {expected}, got {value!r}")
+
+
+def build_dataclass(cls: type, values: dict, prefix: str = "", where: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = _field_names(cls)
+    kwargs = {}
+    for key, value in values.items():
+        if key not in names:
+            raise unknown_key_error(prefix + key, [prefix + n for n in names], where)
+        kwargs[key] = _coerce(value, hints[key], prefix + key, where)
+    return cls(**kwargs)
+
+
+def split_into_groups(values: dict, origin: dict[str, str]) -> dict[str, Any]:
+    """Route flat keys to their groups and build each typed group."""
+    owner = known_keys()
+    per_group: dict[str, dict] = {g: {} for g in GROUPS}
+    for key, value in values.items():
+        if key not in owner:
+            raise unknown_key_error(key, list(owner), f" (in {origin.get(key, '?')})")
+        per_group[owner[key]][key] = value
+    groups = {}
+    for group, cls in GROUPS.items():
+        hints = typing.get_type_hints(cls)
+        kwargs = {}
+        for key, value in per_group[group].items():
+            kwargs[key] = _coerce(value, hints[key], key, f" (in {origin.get(key, '?')})")
+        groups[group] = cls(**kwargs)
+    return groups

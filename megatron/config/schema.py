@@ -1,0 +1,222 @@
+"""Typed configuration groups.
+
+YAML files use GPT-NeoX's flat key names (``num_layers``, ``train_micro_batch_size_per_gpu``,
+``zero_optimization``...). Each flat key belongs to exactly one group below; the loader routes it
+there. Every field carries its documentation in ``metadata["doc"]`` (``docs/config.md`` is
+generated from these, and a test fails when a field has none).
+
+Nested YAML blocks that GPT-NeoX passes straight to DeepSpeed (``optimizer``, ``fp16``, ``bf16``,
+``zero_optimization``) are typed dataclasses too, so a typo inside them is caught as well.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+def doc(default: Any, text: str) -> Any:
+    """A dataclass field with a default and its documentation."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"doc": text})
+    return field(default=default, metadata={"doc": text})
+
+
+def sub(cls: type, text: str) -> Any:
+    """A nested config block."""
+    return field(default_factory=cls, metadata={"doc": text})
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    num_layers: int = doc(2, "Number of transformer layers.")
+    hidden_size: int = doc(128, "Width of the residual stream.")
+    num_attention_heads: int = doc(4, "Attention heads; hidden_size must divide by it.")
+    intermediate_size: int | None = doc(None, "MLP width; 4 x hidden_size when unset.")
+    seq_length: int = doc(128, "Training sequence length in tokens.")
+    max_position_embeddings: int | None = doc(None, "Longest supported sequence; seq_length when unset.")
+    vocab_size: int | None = doc(
+        None,
+        "Tokenizer entries before padding. Read from the tokenizer when unset; set it so that "
+        "--dry-run can plan without the tokenizer file (launch checks it against the tokenizer).",
+    )
+    make_vocab_size_divisible_by: int = doc(
+        128, "The embedding is padded to a multiple of this x model_parallel_size."
+    )
+    norm: str = doc("layernorm", "'layernorm' or 'rmsnorm'.")
+    layernorm_epsilon: float = doc(1e-5, "Epsilon of layernorm.")
+    rms_norm_epsilon: float = doc(1e-8, "Epsilon of rmsnorm.")
+    pos_emb: str = doc("rotary", "'rotary', 'learned' or 'none'.")
+    rotary_pct: float = doc(1.0, "Fraction of each head's dims that rotary rotates (20B: 0.25).")
+    rotary_emb_base: int = doc(10000, "Base of the rotary frequencies.")
+    no_weight_tying: bool = doc(False, "True: separate input and output embeddings (20B).")
+    gpt_j_residual: bool = doc(
+        False, "True: parallel residual x + attn(ln1(x)) + mlp(ln2(x)); False: sequential."
+    )
+    activation: str = doc("gelu", "MLP activation: 'gelu' (exact unless bias_gelu_fusion) or 'relu'.")
+    bias_gelu_fusion: bool = doc(False, "Fused bias+GELU in GPT-NeoX, which uses the tanh GELU.")
+    init_method: str = doc(
+        "normal", "Init of most weights: 'normal', 'scaled_normal', 'small_init', 'wang_init'."
+    )
+    output_layer_init_method: str = doc(
+        "scaled_normal", "Init of attention.dense and dense_4h_to_h (same choices as init_method)."
+    )
+    init_method_std: float = doc(0.02, "Std of 'normal' and base of 'scaled_normal'.")
+    hidden_dropout: float = doc(0.0, "Dropout after attention and MLP outputs.")
+    attention_dropout: float = doc(0.0, "Dropout on attention probabilities.")
+    output_layer_parallelism: str = doc("column", "How the output layer is split over TP ranks.")
+    scaled_upper_triang_masked_softmax_fusion: bool = doc(
+        False, "Accepted for GPT-NeoX configs; attention always uses PyTorch's fused SDPA."
+    )
+    rope_fusion: bool = doc(False, "Accepted for GPT-NeoX configs; rotary is computed in PyTorch.")
+    layernorm_fusion: bool = doc(False, "Accepted for GPT-NeoX configs; PyTorch's layer_norm is fused.")
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    model_parallel_size: int = doc(1, "Tensor-parallel degree (ranks that split each layer).")
+    pipe_parallel_size: int = doc(
+        1,
+        "Pipeline stages. >= 1 trains through DeepSpeed's pipeline engine (checkpoints in the "
+        "per-layer layout, as GPT-NeoX); 0 uses the plain engine (needed for ZeRO 2/3).",
+    )
+    pipe_partition_method: str = doc(
+        "type:transformer", "How layers are spread over stages (DeepSpeed partition_method)."
+    )
+    sequence_parallel: bool = doc(False, "Shard norm/dropout regions along the sequence (TP > 1).")
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    type: str = doc("Adam", "'Adam' or 'AdamW' (both decoupled weight decay) or 'SGD'.")
+    params: dict = doc({}, "lr, betas, eps (and momentum for SGD).")
+
+
+@dataclass(frozen=True)
+class ZeroConfig:
+    stage: int = doc(0, "ZeRO stage 0-3.")
+    allgather_partitions: bool = doc(True, "DeepSpeed ZeRO option.")
+    allgather_bucket_size: int = doc(500_000_000, "DeepSpeed ZeRO option.")
+    overlap_comm: bool = doc(False, "DeepSpeed ZeRO option.")
+    reduce_scatter: bool = doc(True, "DeepSpeed ZeRO option.")
+    reduce_bucket_size: int = doc(500_000_000, "DeepSpeed ZeRO option (gradient bucket bytes).")
+    contiguous_gradients: bool = doc(False, "DeepSpeed ZeRO option.")
+    cpu_offload: bool = doc(False, "Offload optimizer state to CPU memory (ZeRO 1-3).")
+
+
+@dataclass(frozen=True)
+class FP16Config:
+    enabled: bool = doc(False, "Train in fp16 with dynamic loss scaling.")
+    fp16: bool | None = doc(None, "GPT-NeoX's alias of enabled.")
+    type: str | None = doc(None, "GPT-NeoX writes 'bfloat16' here to mean bf16.")
+    loss_scale: float = doc(0.0, "0 = dynamic loss scaling; otherwise a fixed scale.")
+    loss_scale_window: int = doc(1000, "Steps without overflow before the scale doubles.")
+    initial_scale_power: int = doc(16, "Dynamic scaling starts at 2**this.")
+    hysteresis: int = doc(2, "Overflows tolerated before the scale is lowered.")
+    min_loss_scale: float = doc(1.0, "The scale never drops below this.")
+
+
+@dataclass(frozen=True)
+class BF16Config:
+    enabled: bool = doc(False, "Train in bf16 (fp32 master weights in the optimizer).")
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    optimizer: OptimizerSpec = sub(OptimizerSpec, "GPT-NeoX's optimizer block: {type, params}.")
+    weight_decay: float = doc(0.01, "Decoupled weight decay; never applied to biases and norms.")
+    gradient_clipping: float = doc(1.0, "Global grad-norm clip; 0 disables.")
+    zero_optimization: ZeroConfig = sub(ZeroConfig, "DeepSpeed ZeRO block.")
+    fp16: FP16Config = sub(FP16Config, "fp16 block (DeepSpeed's names).")
+    bf16: BF16Config = sub(BF16Config, "bf16 block.")
+    precision: str | None = doc(None, "'fp32', 'fp16' or 'bfloat16'; derived from fp16/bf16 when unset.")
+
+
+@dataclass(frozen=True)
+class LRConfig:
+    lr_decay_style: str = doc("cosine", "'cosine', 'linear' or 'constant' after warmup.")
+    lr_decay_iters: int | None = doc(None, "Iterations over which lr decays to min_lr; train_iters when unset.")
+    min_lr: float = doc(0.0, "Floor of the decayed learning rate.")
+    warmup: float = doc(0.01, "Warmup as a fraction of lr_decay_iters (linear from 0).")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    data_path: str | None = doc(None, "Prefix of a preprocessed dataset (PREFIX.bin/.idx), split by `split`.")
+    train_data_paths: list | None = doc(None, "Training prefixes (instead of data_path).")
+    valid_data_paths: list | None = doc(None, "Validation prefixes.")
+    test_data_paths: list | None = doc(None, "Test prefixes.")
+    train_data_weights: list | None = doc(None, "Blend weights of train_data_paths.")
+    valid_data_weights: list | None = doc(None, "Blend weights of valid_data_paths.")
+    test_data_weights: list | None = doc(None, "Blend weights of test_data_paths.")
+    split: str = doc("969, 30, 1", "Train/valid/test proportions of data_path's documents.")
+    data_impl: str = doc("mmap", "Dataset format; only 'mmap' (GPT-NeoX's default).")
+    tokenizer_type: str = doc("HFTokenizer", "'HFTokenizer', 'GPT2BPETokenizer' or 'CharLevelTokenizer'.")
+    vocab_file: str | None = doc(None, "Tokenizer JSON (HFTokenizer) or vocab.json (GPT2BPETokenizer).")
+    merge_file: str | None = doc(None, "merges.txt for GPT2BPETokenizer.")
+    num_workers: int = doc(0, "DataLoader worker processes per rank.")
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    train_iters: int | None = doc(None, "Optimizer steps to train; derived from train_tokens when unset.")
+    train_tokens: int | None = doc(None, "Token budget; train_iters = ceil(tokens / (batch x seq)).")
+    train_batch_size: int | None = doc(None, "Global batch = micro x grad-accum x data-parallel size.")
+    train_micro_batch_size_per_gpu: int | None = doc(None, "Sequences per rank per micro-batch.")
+    gradient_accumulation_steps: int | None = doc(None, "Micro-batches per optimizer step.")
+    seed: int = doc(1234, "Seed of weights, dropout and data order.")
+    eval_interval: int = doc(1000, "Evaluate on the validation split every this many iterations.")
+    eval_iters: int = doc(100, "Batches per evaluation.")
+    exit_interval: int | None = doc(None, "Checkpoint and exit after this iteration.")
+    checkpoint_activations: bool = doc(False, "Recompute layer activations in the backward pass.")
+    checkpoint_num_layers: int = doc(1, "Layers per activation-checkpoint chunk.")
+    partition_activations: bool = doc(False, "Split checkpointed activations across TP ranks.")
+    synchronize_each_layer: bool = doc(False, "Accepted for GPT-NeoX configs (CUDA sync per layer).")
+    distributed_backend: str | None = doc(None, "'nccl' or 'gloo'; chosen from the device when unset.")
+    deterministic: bool = doc(False, "Ask PyTorch for deterministic kernels.")
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    save: str | None = doc(None, "Directory checkpoints are written to.")
+    load: str | None = doc(None, "Directory to resume from (its `latest` tag).")
+    checkpoint_factor: int | None = doc(None, "Save every this many iterations (and at the end).")
+    keep_last_n_checkpoints: int | None = doc(None, "Delete older checkpoints beyond this count.")
+    finetune: bool = doc(False, "Load weights only and start at iteration 0.")
+    no_load_optim: bool = doc(False, "Resume weights but not optimizer state.")
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    log_dir: str | None = doc(None, "Directory of metrics.jsonl (one JSON record per logged iteration).")
+    tensorboard_dir: str | None = doc(None, "TensorBoard event directory; off when unset.")
+    use_wandb: bool = doc(False, "Log to Weights & Biases (WANDB_MODE=offline works without account).")
+    wandb_project: str = doc("neox", "wandb project.")
+    wandb_group: str | None = doc(None, "wandb group (run name prefix).")
+    log_interval: int = doc(10, "Iterations between log lines.")
+    steps_per_print: int = doc(10, "DeepSpeed's own print interval.")
+    wall_clock_breakdown: bool = doc(False, "DeepSpeed timing breakdown in its logs.")
+
+
+@dataclass(frozen=True)
+class LauncherConfig:
+    num_gpus: int | None = doc(
+        None, "Processes per node; on a CPU-only machine defaults to TP x PP (gloo)."
+    )
+    num_nodes: int = doc(1, "Nodes (multi-node launchers come later).")
+    master_port: int = doc(29500, "Rendezvous port.")
+    hostfile: str | None = doc(None, "DeepSpeed hostfile for multi-node runs.")
+    launcher: str = doc("pdsh", "Multi-node launcher name passed to DeepSpeed.")
+
+
+GROUPS: dict[str, type] = {
+    "model": ModelConfig,
+    "parallel": ParallelConfig,
+    "optimizer": OptimizerConfig,
+    "lr": LRConfig,
+    "data": DataConfig,
+    "training": TrainingConfig,
+    "checkpoint": CheckpointConfig,
+    "logging": LoggingConfig,
+    "launcher": LauncherConfig,
+}

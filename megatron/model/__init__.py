@@ -1,0 +1,5 @@
+"""The GPT-NeoX model as a list of layers (gpt.py), its layers (transformer.py) and sizing (sizing.py)."""
+
+from megatron.model.gpt import GPTModel, LayerDef, count_parameters, layer_defs, lm_loss
+
+__all__ = ["GPTModel", "LayerDef", "count_parameters", "layer_defs", "lm_loss"]

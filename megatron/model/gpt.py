@@ -1,0 +1,179 @@
+"""GPT-NeoX as a list of layers, read top to bottom:
+
+    0        Embedding            tokens [b, s] -> hidden [b, s, h]
+    1        (weightless step)
+    2..L+1   TransformerLayer x L
+    L+2      (weightless step)
+    L+3      FinalNorm
+    L+4      OutputLayer          hidden -> logits [b, s, padded_vocab]
+
+The numbering is GPT-NeoX's pipeline layer list, so DeepSpeed writes the same
+`layer_XX-model_YY-model_states.pt` files (FACTS.md section 4). The same list is run plainly by
+`GPTModel` or handed to DeepSpeed's pipeline engine by `megatron.parallel.pipeline`; there is one
+copy of the architecture.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils import skip_init
+from torch.utils.checkpoint import checkpoint
+
+from megatron.config.schema import ModelConfig
+from megatron.model.init import init_std, layer_generator, normal_
+from megatron.model.transformer import TransformerLayer, make_linear, make_norm
+
+
+class Embedding(nn.Module):
+    def __init__(
+        self, model: ModelConfig, padded_vocab: int, max_positions: int, gen: torch.Generator,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        std = init_std(model.init_method, model)
+        self.word_embeddings = skip_init(nn.Embedding, padded_vocab, model.hidden_size, device=device or "cpu")
+        normal_(self.word_embeddings.weight, std, gen)
+        self.position_embeddings = None
+        if model.pos_emb == "learned":
+            self.position_embeddings = skip_init(nn.Embedding, max_positions, model.hidden_size, device=device or "cpu")
+            normal_(self.position_embeddings.weight, std, gen)
+        self.dropout = model.hidden_dropout
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.word_embeddings(tokens)
+        if self.position_embeddings is not None:
+            x = x + self.position_embeddings(torch.arange(tokens.shape[1], device=tokens.device))
+        return F.dropout(x, self.dropout, self.training) if self.dropout else x
+
+
+class FinalNorm(nn.Module):
+    def __init__(self, model: ModelConfig, gen: torch.Generator, device: torch.device | str | None = None) -> None:
+        super().__init__()
+        self.norm = make_norm(model, device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(x)
+
+
+class OutputLayer(nn.Module):
+    def __init__(
+        self, model: ModelConfig, padded_vocab: int, gen: torch.Generator, device: torch.device | str | None = None
+    ) -> None:
+        super().__init__()
+        std = init_std(model.init_method, model)
+        self.final_linear = make_linear(model.hidden_size, padded_vocab, std, gen, device, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.final_linear(x)
+
+
+def tied_output(embedding: Embedding, x: torch.Tensor) -> torch.Tensor:
+    """The output layer when weights are tied: logits from the input embedding matrix."""
+    return F.linear(x, embedding.word_embeddings.weight)
+
+
+def gpt_neox_layer_slot(x: torch.Tensor) -> torch.Tensor:
+    """A weightless step kept so layer numbers (and checkpoint file names) match GPT-NeoX, which
+    transposes [b, s, h] <-> [s, b, h] here; our activations stay batch-first."""
+    return x
+
+
+@dataclass
+class LayerDef:
+    """One entry of the layer list: a class and its arguments, or a weightless function."""
+
+    name: str
+    build: type | Callable | None
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    tied_key: str | None = None
+    forward_fn: Callable | None = None
+
+    def instantiate(self) -> nn.Module:
+        return self.build(**self.kwargs)
+
+
+def layer_defs(
+    model: ModelConfig, padded_vocab: int, ffn: int, max_positions: int, seed: int,
+    device: torch.device | str | None = None,
+) -> list[LayerDef]:
+    """The architecture as an ordered list; every weighted layer gets its own seeded generator."""
+    L = model.num_layers
+    tie = not model.no_weight_tying
+    defs = [LayerDef(
+        "embedding", Embedding,
+        dict(model=model, padded_vocab=padded_vocab, max_positions=max_positions,
+             gen=layer_generator(seed, 0), device=device),
+        tied_key="embed" if tie else None,
+    ), LayerDef("slot", gpt_neox_layer_slot)]
+    for i in range(L):
+        defs.append(LayerDef(f"layer{i}", TransformerLayer,
+                             dict(model=model, ffn=ffn, gen=layer_generator(seed, 2 + i), device=device)))
+    defs.append(LayerDef("slot", gpt_neox_layer_slot))
+    defs.append(LayerDef("final_norm", FinalNorm, dict(model=model, gen=layer_generator(seed, L + 3), device=device)))
+    if tie:
+        defs.append(LayerDef("output", Embedding, defs[0].kwargs, tied_key="embed", forward_fn=tied_output))
+    else:
+        defs.append(LayerDef("output", OutputLayer, dict(
+            model=model, padded_vocab=padded_vocab, gen=layer_generator(seed, L + 4), device=device)))
+    return defs
+
+
+class GPTModel(nn.Module):
+    """The layer list run in one process (no pipeline): embedding -> layers -> norm -> logits."""
+
+    def __init__(self, defs: list[LayerDef], checkpoint_num_layers: int = 0) -> None:
+        super().__init__()
+        self.checkpoint_num_layers = checkpoint_num_layers
+        tied: dict[str, nn.Module] = {}
+        modules: list[nn.Module] = []
+        self.steps: list[tuple[int | None, Callable | None]] = []
+        for d in defs:
+            if d.build is not None and isinstance(d.build, type):
+                if d.tied_key and d.tied_key in tied:
+                    module = tied[d.tied_key]
+                else:
+                    module = d.instantiate()
+                    modules.append(module)
+                    if d.tied_key:
+                        tied[d.tied_key] = module
+                self.steps.append((modules.index(module), d.forward_fn))
+            else:
+                self.steps.append((None, d.build))
+        self.layers = nn.ModuleList(modules)
+
+    def _run(self, start: int, end: int, x: torch.Tensor) -> torch.Tensor:
+        for index, fn in self.steps[start:end]:
+            if index is None:
+                x = fn(x)
+            elif fn is not None:
+                x = fn(self.layers[index], x)
+            else:
+                x = self.layers[index](x)
+        return x
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        n = self.checkpoint_num_layers
+        if not (n and self.training):
+            return self._run(0, len(self.steps), tokens)
+        x = self._run(0, 2, tokens)
+        last = len(self.steps) - 3  # transformer layers are steps 2 .. last-1
+        for start in range(2, last, n):
+            end = min(start + n, last)
+            # Non-reentrant checkpoint restores the RNG state, so dropout masks match the forward.
+            x = checkpoint(self._run, start, end, x, use_reentrant=False)
+        return self._run(last, len(self.steps), x)
+
+
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy, computed in fp32 whatever the training dtype."""
+    return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), labels.reshape(-1))
+
+
+def count_parameters(module: nn.Module) -> int:
+    """Distinct parameters (a tied embedding counts once)."""
+    return sum(p.numel() for p in module.parameters())
