@@ -9,7 +9,7 @@ from megatron.config.loader import ConfigError
 from megatron.config.schema import DataConfig, ModelConfig, OptimizerConfig, ParallelConfig
 
 if TYPE_CHECKING:
-    from megatron.config.config import Derived
+    from megatron.config.config import Derived, NeoXConfig
 
 CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
     ("model", "norm"): ("layernorm", "rmsnorm"),
@@ -121,3 +121,17 @@ def check_precision(opt: OptimizerConfig, parallel: ParallelConfig, derived: "De
             f"{derived.precision} with zero_optimization.stage 0 is broken in DeepSpeed 0.19 "
             "(loss never scaled / spurious first step); use stage: 1, as GPT-NeoX does"
         )
+
+
+def check_launchable(cfg: "NeoXConfig") -> None:
+    """Layouts the planner accepts but training cannot run yet."""
+    if cfg.parallel.model_parallel_size > 1:
+        raise ConfigError(
+            f"model_parallel_size {cfg.parallel.model_parallel_size}: tensor parallelism is not "
+            "implemented yet (--dry-run plans such layouts); use model_parallel_size: 1"
+        )
+    d = cfg.data
+    if d.train_data_paths or d.valid_data_paths or d.test_data_paths:
+        raise ConfigError("train/valid/test_data_paths blending is not implemented yet; use data_path")
+    if cfg.launcher.num_nodes > 1 and not cfg.launcher.hostfile:
+        raise ConfigError(f"num_nodes {cfg.launcher.num_nodes} needs a hostfile listing the nodes")

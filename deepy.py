@@ -1,0 +1,41 @@
+#!/usr/bin/env python
+"""Launch training: `python deepy.py train.py CONFIG.yml [MORE.yml ...]`.
+
+Config files merge left to right (a later file overrides an earlier one; overrides are listed).
+The whole config is validated before any process starts. `--dry-run` starts nothing: it prints
+the parallel layout, the exact parameter count and a per-GPU memory estimate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from megatron.config import ConfigError, load_config
+from megatron.launcher.dry_run import report
+from megatron.launcher.launch import launch
+from megatron.config.validate import check_launchable
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dry-run", action="store_true", help="validate and plan; launch nothing")
+    parser.add_argument("script", help="the worker script, e.g. train.py")
+    parser.add_argument("configs", nargs="+", help="YAML config files, merged left to right")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.configs, require_files=not args.dry_run)
+        for override in cfg.overrides:
+            print(f"override {override}")
+        if args.dry_run:
+            print(report(cfg))
+            return 0
+        check_launchable(cfg)
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
+    return launch(cfg, args.script, args.configs)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

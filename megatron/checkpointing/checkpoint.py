@@ -1,0 +1,130 @@
+"""Saving and resuming: DeepSpeed's checkpoint layout plus what DeepSpeed does not keep.
+
+Layout (FACTS.md section 4): SAVE/global_stepN/ holds DeepSpeed's files (per-layer model states
+with the pipeline engine, optimizer shards, engine state with our client state), plus
+configs/ with the YAML files of the run. SAVE/latest names the tag and is written last, by rank 0,
+through a rename, so a crash mid-save never leaves `latest` pointing at a partial checkpoint.
+
+Client state carries the iteration, consumed samples and the RNG states (Python, NumPy, torch,
+CUDA), so a resumed run continues bit for bit.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+TAG_PATTERN = re.compile(r"^global_step(\d+)$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used; the message names the path and the problem."""
+
+
+def tag_for(iteration: int) -> str:
+    return f"global_step{iteration}"
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def save_checkpoint(engine: Any, save_dir: str, iteration: int, consumed_samples: int,
+                    config_files: tuple[str, ...], keep_last_n: int | None) -> Path:
+    tag = tag_for(iteration)
+    client = {"iteration": iteration, "consumed_samples": consumed_samples, "rng": rng_state()}
+    engine.save_checkpoint(save_dir, tag=tag, client_state=client, save_latest=False)
+    path = Path(save_dir) / tag
+    if _rank() == 0:
+        configs = path / "configs"
+        configs.mkdir(parents=True, exist_ok=True)
+        for f in config_files:
+            shutil.copy2(f, configs / Path(f).name)
+    _barrier()  # every rank's shards are on disk before `latest` moves
+    if _rank() == 0:
+        tmp = Path(save_dir) / "latest.tmp"
+        tmp.write_text(tag)
+        os.replace(tmp, Path(save_dir) / "latest")
+        if keep_last_n:
+            prune(save_dir, keep_last_n)
+    _barrier()
+    return path
+
+
+def list_checkpoints(save_dir: str) -> list[tuple[int, Path]]:
+    found = []
+    for p in Path(save_dir).iterdir() if Path(save_dir).is_dir() else []:
+        m = TAG_PATTERN.match(p.name)
+        if m and p.is_dir():
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def prune(save_dir: str, keep_last_n: int) -> None:
+    """Delete all but the newest `keep_last_n` checkpoints (never the one `latest` names)."""
+    latest = (Path(save_dir) / "latest").read_text().strip()
+    for _, path in list_checkpoints(save_dir)[:-keep_last_n]:
+        if path.name != latest:
+            shutil.rmtree(path)
+
+
+def latest_tag(load_dir: str) -> str | None:
+    marker = Path(load_dir) / "latest"
+    if not marker.is_file():
+        return None
+    tag = marker.read_text().strip()
+    if not (Path(load_dir) / tag).is_dir():
+        raise CheckpointError(f"{marker} names {tag!r} but {Path(load_dir) / tag} does not exist")
+    return tag
+
+
+def load_checkpoint(engine: Any, load_dir: str, finetune: bool, load_optim: bool) -> tuple[int, int] | None:
+    """Resume from `load_dir`'s latest tag. Returns (iteration, consumed_samples), or None when
+    there is nothing to load. `finetune` loads weights only and restarts at iteration 0."""
+    tag = latest_tag(load_dir)
+    if tag is None:
+        return None
+    try:
+        path, client = engine.load_checkpoint(
+            load_dir, tag=tag, load_module_only=finetune,
+            load_optimizer_states=load_optim and not finetune,
+            load_lr_scheduler_states=not finetune,
+        )
+    except (RuntimeError, OSError, EOFError, KeyError, ValueError) as err:
+        raise CheckpointError(f"cannot load checkpoint {Path(load_dir) / tag}: {err}") from err
+    if path is None:
+        raise CheckpointError(f"DeepSpeed found no loadable checkpoint in {Path(load_dir) / tag}")
+    if finetune:
+        return 0, 0
+    if client is None or "iteration" not in client:
+        raise CheckpointError(f"{Path(load_dir) / tag}: no training state (iteration) in the engine file")
+    set_rng_state(client["rng"])
+    return int(client["iteration"]), int(client["consumed_samples"])

@@ -1,0 +1,52 @@
+"""Wrapping the model's layer list for DeepSpeed's pipeline engine.
+
+The layer list from `megatron.model.gpt.layer_defs` becomes LayerSpecs (TiedLayerSpec for a tied
+embedding), so the pipeline engine builds only its stage's layers and writes one checkpoint file
+per layer, numbered as in GPT-NeoX.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
+from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
+from torch.utils.checkpoint import checkpoint
+
+from megatron.config.schema import ParallelConfig, TrainingConfig
+from megatron.model.gpt import LayerDef, lm_loss
+
+
+def _pipeline_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return lm_loss(logits, labels)
+
+
+def to_pipeline_module(
+    defs: list[LayerDef], parallel: ParallelConfig, training: TrainingConfig, data_parallel_size: int
+) -> PipelineModule:
+    specs = []
+    for d in defs:
+        if not isinstance(d.build, type):
+            specs.append(d.build)  # weightless function: runs in place, writes no file
+        elif d.tied_key:
+            specs.append(TiedLayerSpec(d.tied_key, d.build, forward_fn=d.forward_fn,
+                                       tied_weight_attr="word_embeddings.weight", **d.kwargs))
+        else:
+            specs.append(LayerSpec(d.build, **d.kwargs))
+    ckpt = training.checkpoint_num_layers if training.checkpoint_activations else 0
+    return PipelineModule(
+        layers=specs,
+        # (pipe, data, model) axes, model innermost: tensor-parallel ranks share a node, and file
+        # names carry the model rank (layer_XX-model_YY-model_states.pt) as in GPT-NeoX.
+        topology=PipeModelDataParallelTopology(
+            num_pp=max(parallel.pipe_parallel_size, 1), num_mp=parallel.model_parallel_size,
+            num_dp=data_parallel_size),
+        loss_fn=_pipeline_loss,
+        partition_method=parallel.pipe_partition_method,
+        activation_checkpoint_interval=ckpt,
+        # Only transformer layers are recomputed; the non-reentrant function restores the RNG
+        # state and accepts inputs that need no grad (the embedding's output on stage 0).
+        activation_checkpoint_func=partial(checkpoint, use_reentrant=False),
+        checkpointable_layers=["TransformerLayer"],
+    )

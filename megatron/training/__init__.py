@@ -1,0 +1,1 @@
+"""Training: optimizer, LR schedule, the DeepSpeed engine, the loop, FLOPs accounting."""

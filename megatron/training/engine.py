@@ -1,0 +1,112 @@
+"""Building the DeepSpeed engine around the model, and one training/eval step on it.
+
+The execution mode is chosen once, here: pipe_parallel_size >= 1 gives DeepSpeed's pipeline
+engine (GPT-NeoX's default, per-layer checkpoint files), 0 gives the plain engine (ZeRO 2/3).
+Both expose the same `train_batch` / `eval_batch`, so the loop does not branch on the mode.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import deepspeed
+import torch
+import torch.distributed as dist
+
+from megatron.config import NeoXConfig, deepspeed_config
+from megatron.model.gpt import GPTModel, layer_defs, lm_loss
+from megatron.parallel.pipeline import to_pipeline_module
+from megatron.training.lr_schedule import AnnealingLR
+from megatron.training.optimizer import build_optimizer
+
+Batch = tuple[torch.Tensor, torch.Tensor]  # (tokens, labels), each [micro_batch, seq]
+
+
+class Stepper:
+    """One optimizer step (all micro-batches of a global batch) and one eval batch."""
+
+    def __init__(self, engine: deepspeed.DeepSpeedEngine, gas: int) -> None:
+        self.engine = engine
+        self.gas = gas
+
+    def train_batch(self, data: Iterator[Batch]) -> float:
+        raise NotImplementedError
+
+    def eval_batch(self, data: Iterator[Batch]) -> float:
+        raise NotImplementedError
+
+    def grad_norm(self) -> float | None:
+        norm = self.engine.get_global_grad_norm()
+        return None if norm is None else float(norm)
+
+    def loss_scale(self) -> float | None:
+        optimizer = self.engine.optimizer
+        scale = getattr(optimizer, "loss_scale", None) or getattr(optimizer, "cur_scale", None)
+        return float(scale) if scale is not None and self.engine.fp16_enabled() else None
+
+    @property
+    def skipped_steps(self) -> int:
+        return int(self.engine.skipped_steps)
+
+
+class PipelineStepper(Stepper):
+    def train_batch(self, data: Iterator[Batch]) -> float:
+        return float(self.engine.train_batch(data_iter=data))
+
+    def eval_batch(self, data: Iterator[Batch]) -> float:
+        return float(self.engine.eval_batch(data_iter=data))
+
+
+class PlainStepper(Stepper):
+    def _to_device(self, batch: Batch) -> Batch:
+        return tuple(t.to(self.engine.device) for t in batch)
+
+    def _mean_over_data_parallel(self, losses: list[torch.Tensor]) -> float:
+        loss = torch.stack(losses).mean()
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(loss)
+            loss /= dist.get_world_size()
+        return float(loss)
+
+    def train_batch(self, data: Iterator[Batch]) -> float:
+        self.engine.train()
+        losses = []
+        for _ in range(self.gas):
+            tokens, labels = self._to_device(next(data))
+            loss = lm_loss(self.engine(tokens), labels)
+            self.engine.backward(loss)
+            self.engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
+            losses.append(loss.detach())
+        return self._mean_over_data_parallel(losses)
+
+    @torch.no_grad()
+    def eval_batch(self, data: Iterator[Batch]) -> float:
+        self.engine.eval()
+        losses = []
+        for _ in range(self.gas):
+            tokens, labels = self._to_device(next(data))
+            losses.append(lm_loss(self.engine(tokens), labels))
+        self.engine.train()
+        return self._mean_over_data_parallel(losses)
+
+
+def build_engine(cfg: NeoXConfig) -> tuple[Stepper, AnnealingLR]:
+    """Model on this rank's device, optimizer, LR schedule, DeepSpeed engine."""
+    d = cfg.derived
+    defs = layer_defs(cfg.model, d.padded_vocab_size, d.intermediate_size, d.max_position_embeddings,
+                      cfg.training.seed)
+    pipelined = cfg.parallel.pipe_parallel_size >= 1
+    if pipelined:
+        module = to_pipeline_module(defs, cfg.parallel, cfg.training, d.data_parallel_size)
+    else:
+        ckpt = cfg.training.checkpoint_num_layers if cfg.training.checkpoint_activations else 0
+        module = GPTModel(defs, checkpoint_num_layers=ckpt)
+    optimizer = build_optimizer(module, cfg.optimizer, d.lr)
+    scheduler = AnnealingLR(optimizer, d.lr, cfg.lr.min_lr, d.warmup_iters, d.lr_decay_iters,
+                            cfg.lr.lr_decay_style)
+    engine, _, _, _ = deepspeed.initialize(
+        model=module, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg),
+        dist_init_required=False,
+    )
+    stepper_cls = PipelineStepper if pipelined else PlainStepper
+    return stepper_cls(engine, d.gradient_accumulation_steps), scheduler

@@ -1,0 +1,120 @@
+"""The training loop: step, log, evaluate, checkpoint. Nothing else lives here.
+
+`pretrain` is the worker entry: it builds the pieces (`megatron.training.setup`) and runs the
+loop. Logging, evaluation and checkpointing are called at their intervals; none of them changes
+what the step computes.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch.distributed as dist
+
+from megatron.checkpointing.checkpoint import load_checkpoint, save_checkpoint
+from megatron.config import NeoXConfig
+from megatron.data.loader import eval_batches, micro_batches
+from megatron.training.setup import RunState, build_run
+
+
+@dataclass
+class IntervalStats:
+    """Sums over the current log interval, reset after every log line."""
+
+    losses: list[float] = field(default_factory=list)
+    start: float = field(default_factory=time.perf_counter)
+
+    def reset(self) -> None:
+        self.losses.clear()
+        self.start = time.perf_counter()
+
+
+def evaluate(run: RunState, iteration: int) -> float | None:
+    cfg, d = run.cfg, run.cfg.derived
+    if run.valid is None or cfg.training.eval_iters <= 0:
+        return None
+    data = eval_batches(run.valid, d.micro_batch_size, d.data_parallel_size, run.dp_rank)
+    losses = [run.stepper.eval_batch(data) for _ in range(cfg.training.eval_iters)]
+    loss = sum(losses) / len(losses)
+    run.logger.log_eval(iteration, {"lm_loss": loss})
+    return loss
+
+
+def _log(run: RunState, iteration: int, stats: IntervalStats) -> None:
+    d = run.cfg.derived
+    elapsed = time.perf_counter() - stats.start
+    n = len(stats.losses)
+    tokens_per_sec = d.train_batch_size * run.cfg.model.seq_length * n / elapsed
+    tflops = run.flops_per_token * tokens_per_sec / d.world_size / 1e12
+    metrics = {
+        "lm_loss": sum(stats.losses) / n,
+        "lr": run.scheduler.get_lr(),
+        "grad_norm": run.stepper.grad_norm(),
+        "loss_scale": run.stepper.loss_scale(),
+        "skipped_iters": run.stepper.skipped_steps,
+        "tokens_per_sec": tokens_per_sec,
+        "ms_per_iter": 1000 * elapsed / n,
+        "tflops": tflops,
+        "mfu": tflops * 1e12 / run.peak_flops,
+    }
+    run.logger.log_train(iteration, {k: v for k, v in metrics.items() if v is not None})
+    stats.reset()
+
+
+def train(run: RunState) -> list[float]:
+    """Run from the loaded iteration to train_iters (or exit_interval). Returns the losses."""
+    cfg, d = run.cfg, run.cfg.derived
+    ck = cfg.checkpoint
+    iteration, consumed = 0, 0
+    if ck.load:
+        resumed = load_checkpoint(run.stepper.engine, ck.load, ck.finetune, not ck.no_load_optim)
+        if resumed is not None:
+            iteration, consumed = resumed
+            run.print(f"resumed from {ck.load} at iteration {iteration} ({consumed} samples consumed)")
+        else:
+            run.print(f"no checkpoint in {ck.load}: starting from scratch")
+    data = micro_batches(run.train, consumed, d.micro_batch_size, d.data_parallel_size, run.dp_rank)
+    stats, losses, last_saved = IntervalStats(), [], None
+
+    def save() -> None:
+        nonlocal last_saved
+        path = save_checkpoint(run.stepper.engine, ck.save, iteration, consumed, cfg.config_files,
+                               ck.keep_last_n_checkpoints)
+        last_saved = iteration
+        run.print(f"saved checkpoint {path}")
+
+    end = d.train_iters if cfg.training.exit_interval is None else min(d.train_iters, cfg.training.exit_interval)
+    while iteration < end:
+        loss = run.stepper.train_batch(data)
+        iteration += 1
+        consumed += d.train_batch_size
+        losses.append(loss)
+        stats.losses.append(loss)
+        if iteration % cfg.logging.log_interval == 0 or iteration == end:
+            _log(run, iteration, stats)
+        if cfg.training.eval_interval and iteration % cfg.training.eval_interval == 0:
+            evaluate(run, iteration)
+            stats.start = time.perf_counter()  # eval time is not training throughput
+        if ck.save and ck.checkpoint_factor and iteration % ck.checkpoint_factor == 0:
+            save()
+    if iteration > 0 and not (cfg.training.eval_interval and iteration % cfg.training.eval_interval == 0):
+        evaluate(run, iteration)
+    if ck.save and last_saved != iteration and iteration > 0:
+        save()
+    return losses
+
+
+def pretrain(cfg: NeoXConfig) -> list[float]:
+    """Build everything for this rank, train, and shut down cleanly."""
+    run = build_run(cfg)
+    try:
+        losses = train(run)
+        run.print(run.summary())
+        return losses
+    finally:
+        run.logger.close()
+        if dist.is_initialized():
+            # Ending every rank at a barrier avoids the intermittent gloo abort at exit.
+            dist.barrier()
+            dist.destroy_process_group()

@@ -1,0 +1,115 @@
+"""Everything a worker builds before its first step, in order: process group, seeds, tokenizer,
+final config, datasets, engine, metrics logger."""
+
+from __future__ import annotations
+
+import os
+import random
+import socket
+from dataclasses import dataclass
+
+import deepspeed
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from megatron.config import ConfigError, NeoXConfig, load_config
+from megatron.config.validate import check_launchable
+from megatron.data.gpt_dataset import GPTDataset, build_train_valid_test_datasets
+from megatron.logging import MetricsLogger
+from megatron.parallel.device import default_backend, local_device
+from megatron.tokenizer import AbstractTokenizer, build_tokenizer
+from megatron.training.engine import Stepper, build_engine
+from megatron.training.flops import device_peak_flops, flops_per_token
+from megatron.training.lr_schedule import AnnealingLR
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(backend: str | None) -> None:
+    """Join the process group the launcher set up; a bare `python train.py` becomes a world of 1."""
+    if dist.is_initialized():
+        return
+    if "WORLD_SIZE" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(_free_port()))
+    deepspeed.init_distributed(dist_backend=default_backend(backend))
+
+
+def worker_config(paths: list[str]) -> tuple[NeoXConfig, AbstractTokenizer]:
+    """The config as this process sees it: world size from the launcher, vocab from the tokenizer."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    cfg = load_config(paths, world_size=world)
+    tok = build_tokenizer(cfg.data.tokenizer_type, cfg.data.vocab_file, cfg.data.merge_file)
+    if cfg.model.vocab_size is not None and cfg.model.vocab_size != tok.vocab_size:
+        raise ConfigError(
+            f"vocab_size {cfg.model.vocab_size} in the config but the tokenizer "
+            f"({cfg.data.vocab_file or cfg.data.tokenizer_type}) has {tok.vocab_size} entries"
+        )
+    cfg = load_config(paths, world_size=world, vocab_size=tok.vocab_size)
+    check_launchable(cfg)
+    return cfg, tok
+
+
+@dataclass
+class RunState:
+    cfg: NeoXConfig
+    stepper: Stepper
+    scheduler: AnnealingLR
+    train: GPTDataset
+    valid: GPTDataset | None
+    logger: MetricsLogger
+    dp_rank: int
+    flops_per_token: int
+    peak_flops: float
+
+    def print(self, text: str) -> None:
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            print(text, flush=True)
+
+    def summary(self) -> str:
+        c = self.cfg
+        lines = ["training finished"]
+        for label, path in (("metrics", c.logging.log_dir and os.path.join(c.logging.log_dir, "metrics.jsonl")),
+                            ("tensorboard", c.logging.tensorboard_dir), ("checkpoints", c.checkpoint.save)):
+            if path:
+                lines.append(f"  {label:12s} {os.path.abspath(path)}")
+        return "\n".join(lines)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build_run(cfg: NeoXConfig) -> RunState:
+    init_distributed(cfg.training.distributed_backend)
+    device = local_device()
+    if cfg.training.deterministic:
+        torch.use_deterministic_algorithms(True)
+    seed_everything(cfg.training.seed)
+    d = cfg.derived
+    samples = (d.train_iters * d.train_batch_size, cfg.training.eval_iters * d.train_batch_size, 0)
+    train, valid, _ = build_train_valid_test_datasets(
+        cfg.data.data_path, cfg.data.split, samples, cfg.model.seq_length, cfg.training.seed)
+    if train is None:
+        raise ConfigError(f"split {cfg.data.split!r} leaves no training documents in {cfg.data.data_path}")
+    stepper, scheduler = build_engine(cfg)
+    grid = getattr(stepper.engine, "grid", None)
+    dp_rank = grid.get_data_parallel_rank() if grid is not None else dist.get_rank()
+    logger = MetricsLogger(
+        cfg.logging.log_dir, cfg.logging.tensorboard_dir, cfg.logging.use_wandb,
+        cfg.logging.wandb_project, cfg.logging.wandb_group, cfg.to_dict(),
+        enabled=dist.get_rank() == 0, train_iters=d.train_iters,
+    )
+    fpt = flops_per_token(cfg.model.num_layers, cfg.model.hidden_size, cfg.model.seq_length,
+                          d.padded_vocab_size, d.intermediate_size)
+    peak = device_peak_flops(device, DTYPES[d.precision])
+    return RunState(cfg, stepper, scheduler, train, valid, logger, dp_rank, fpt, peak)

@@ -1,0 +1,28 @@
+#!/usr/bin/env python
+"""Worker entry point, started once per rank by deepy.py (or alone: `python train.py CONFIG.yml`)."""
+
+from __future__ import annotations
+
+import sys
+
+from megatron.checkpointing.checkpoint import CheckpointError
+from megatron.config import ConfigError
+from megatron.data.indexed_dataset import IndexedDatasetError
+from megatron.training.loop import pretrain
+from megatron.training.setup import worker_config
+
+
+def main(argv: list[str]) -> int:
+    # DeepSpeed's launcher passes --local_rank=N; the rank is also in the environment.
+    configs = [a for a in argv if not a.startswith("--local_rank")]
+    try:
+        cfg, _ = worker_config(configs)
+        pretrain(cfg)
+    except (ConfigError, CheckpointError, IndexedDatasetError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
