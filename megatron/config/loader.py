@@ -70,6 +70,12 @@ def merge_files(paths: list[str]) -> tuple[dict, dict[str, str], list[Override]]
     origin: dict[str, str] = {}
     overrides: list[Override] = []
 
+    def record(name: str, value: Any, path: str) -> None:
+        origin[name] = path
+        if isinstance(value, dict):
+            for key, inner in value.items():
+                record(f"{name}.{key}", inner, path)
+
     def merge_into(dst: dict, src: dict, prefix: str, path: str) -> None:
         for key, value in src.items():
             name = prefix + key
@@ -79,7 +85,7 @@ def merge_files(paths: list[str]) -> tuple[dict, dict[str, str], list[Override]]
             if key in dst and dst[key] != value:
                 overrides.append(Override(name, dst[key], origin[name], value, path))
             dst[key] = value
-            origin[name] = path
+            record(name, value, path)
 
     for path in paths:
         merge_into(merged, read_yaml(path), "", str(path))

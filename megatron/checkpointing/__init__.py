@@ -1,0 +1,1 @@
+"""Checkpoint save/resume in DeepSpeed layout with configs, RNG and data position."""

@@ -1,0 +1,159 @@
+"""Config merging, derivation and every validation error."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import yaml
+
+from megatron.config import ConfigError, deepspeed_config, load_config
+from megatron.config.schema import GROUPS
+
+ROOT = Path(__file__).resolve().parents[2]
+BASE = {
+    "num_layers": 2, "hidden_size": 64, "num_attention_heads": 4, "seq_length": 32,
+    "tokenizer_type": "CharLevelTokenizer", "train_micro_batch_size_per_gpu": 2,
+    "gradient_accumulation_steps": 3, "train_iters": 10,
+}
+
+
+def write(tmp_path: Path, name: str, values: dict) -> str:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(values))
+    return str(path)
+
+
+def load(tmp_path: Path, extra: dict | None = None, world_size: int = 1, **kw):
+    return load_config([write(tmp_path, "c.yml", {**BASE, **(extra or {})})], world_size=world_size,
+                       require_files=False, **kw)
+
+
+def error(tmp_path: Path, extra: dict, world_size: int = 1, **kw) -> str:
+    with pytest.raises(ConfigError) as info:
+        load(tmp_path, extra, world_size, **kw)
+    return str(info.value)
+
+
+def test_20b_with_local_setup_merges_and_plans():
+    cfg = load_config([str(ROOT / "configs/20B.yml"), str(ROOT / "configs/local_setup.yml")], require_files=False)
+    d = cfg.derived
+    assert (d.world_size, d.data_parallel_size, d.train_batch_size) == (96, 12, 1536)
+    assert (d.micro_batch_size, d.gradient_accumulation_steps) == (4, 32)
+    assert (d.vocab_size, d.padded_vocab_size, d.precision) == (50277, 50432, "fp16")
+    assert d.warmup_iters == 1500 and d.lr == pytest.approx(9.7e-5)
+    assert cfg.model.rotary_pct == 0.25 and cfg.model.gpt_j_residual and cfg.model.no_weight_tying
+    assert cfg.data.vocab_file == "data/20B_tokenizer.json"
+
+
+def test_later_file_overrides_and_is_reported(tmp_path):
+    a = write(tmp_path, "a.yml", {**BASE, "hidden_size": 64, "fp16": {"enabled": True, "initial_scale_power": 12},
+                                  "zero_optimization": {"stage": 1}})
+    b = write(tmp_path, "b.yml", {"hidden-size": 128, "fp16": {"initial_scale_power": 8}})
+    cfg = load_config([a, b], world_size=1, require_files=False)
+    assert cfg.model.hidden_size == 128
+    assert cfg.optimizer.fp16.enabled and cfg.optimizer.fp16.initial_scale_power == 8  # nested merge
+    assert sorted(str(o) for o in cfg.overrides) == [
+        f"fp16.initial_scale_power: 12 ({a}) -> 8 ({b})", f"hidden_size: 64 ({a}) -> 128 ({b})"]
+
+
+def test_unknown_key_names_closest(tmp_path):
+    msg = error(tmp_path, {"num_layer": 3})
+    assert "unknown config key 'num_layer'" in msg and "'num_layers'" in msg
+    msg = error(tmp_path, {"zero_optimization": {"stgae": 1}})
+    assert "zero_optimization.stgae" in msg and "zero_optimization.stage" in msg
+
+
+def test_same_key_twice_in_one_file(tmp_path):
+    path = tmp_path / "dup.yml"
+    path.write_text("num_layers: 2\nnum-layers: 3\n")
+    with pytest.raises(ConfigError, match="appears twice"):
+        load_config([str(path)], require_files=False)
+
+
+def test_wrong_type(tmp_path):
+    assert "num_layers" in error(tmp_path, {"num_layers": "two"}) and "expected int" in error(tmp_path, {"num_layers": "two"})
+
+
+@pytest.mark.parametrize("given, expected", [
+    ({"train_batch_size": 12, "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": None}, (12, 2, 3)),
+    ({"train_batch_size": 12, "train_micro_batch_size_per_gpu": None, "gradient_accumulation_steps": 3}, (12, 2, 3)),
+    ({"train_batch_size": None, "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 3}, (12, 2, 3)),
+])
+def test_batch_triple_any_two_give_third(tmp_path, given, expected):
+    d = load(tmp_path, given, world_size=2).derived
+    assert (d.train_batch_size, d.micro_batch_size, d.gradient_accumulation_steps) == expected
+    assert d.data_parallel_size == 2
+
+
+def test_batch_triple_disagreement(tmp_path):
+    msg = error(tmp_path, {"train_batch_size": 10}, world_size=2)
+    assert msg == ("train_batch_size 10 != train_micro_batch_size_per_gpu 2 x gradient_accumulation_steps 3 "
+                   "x data-parallel size 2 (= 12)")
+    msg = error(tmp_path, {"train_batch_size": 10, "gradient_accumulation_steps": None}, world_size=2)
+    assert msg == "train_batch_size 10 is not divisible by train_micro_batch_size_per_gpu 2 x data-parallel size 2"
+
+
+@pytest.mark.parametrize("extra, world, expected", [
+    ({"model_parallel_size": 2, "pipe_parallel_size": 2}, 6,
+     "world size 6 is not divisible by model_parallel_size 2 x pipe_parallel_size 2 = 4"),
+    ({"num_attention_heads": 5}, 1, "hidden_size 64 is not divisible by num_attention_heads 5"),
+    ({"model_parallel_size": 8}, 8, "num_attention_heads 4 is not divisible by model_parallel_size 8"),
+    ({"pipe_parallel_size": 4}, 4, "num_layers 2 is fewer than pipe_parallel_size 4 stages"),
+    ({"seq_length": 64, "max_position_embeddings": 32}, 1, "seq_length 64 exceeds max_position_embeddings 32"),
+    ({"rotary_pct": 0.1}, 1, "rotary_pct 0.1 of head dim 16 gives 1 rotary dims; it must be a positive even number"),
+    ({"norm": "batchnorm"}, 1, "norm is 'batchnorm'; choose one of 'layernorm', 'rmsnorm'"),
+    ({"optimizer": {"type": "Lion"}}, 1, "optimizer.type is 'Lion'; choose one of Adam, AdamW, SGD"),
+    ({"fp16": {"enabled": True}, "bf16": {"enabled": True}, "zero_optimization": {"stage": 1}}, 1,
+     "fp16 and bf16 are both enabled: choose one"),
+    ({"fp16": {"enabled": True}}, 1,
+     "fp16 with zero_optimization.stage 0 is broken in DeepSpeed 0.19 (loss never scaled / spurious first step); "
+     "use stage: 1, as GPT-NeoX does"),
+    ({"zero_optimization": {"stage": 2}}, 1,
+     "zero_optimization.stage 2 cannot run with pipe_parallel_size 1: DeepSpeed's pipeline engine supports "
+     "ZeRO 0 and 1 only; set pipe_parallel_size: 0 (no pipeline) or stage: 1"),
+    ({"train_iters": None}, 1, "set train_iters or train_tokens"),
+    ({"hidden_dropout": 1.5}, 1, "hidden_dropout must be in [0, 1), got 1.5"),
+])
+def test_validation_errors(tmp_path, extra, world, expected):
+    assert error(tmp_path, extra, world_size=world) == expected
+
+
+def test_zero3_without_pipeline_is_fine(tmp_path):
+    cfg = load(tmp_path, {"zero_optimization": {"stage": 3}, "pipe_parallel_size": 0, "bf16": {"enabled": True}})
+    ds = deepspeed_config(cfg)
+    assert ds["zero_optimization"]["stage"] == 3 and ds["bf16"] == {"enabled": True}
+
+
+def test_train_tokens_gives_iterations(tmp_path):
+    d = load(tmp_path, {"train_iters": None, "train_tokens": 6 * 32 * 10 + 1}).derived
+    assert d.train_iters == 11
+
+
+def test_missing_files_name_the_path(tmp_path):
+    path = write(tmp_path, "c.yml", {**BASE, "tokenizer_type": "HFTokenizer", "vocab_file": "nope/tok.json",
+                                     "data_path": "nope/data"})
+    with pytest.raises(ConfigError, match="vocab_file: file not found: nope/tok.json"):
+        load_config([path])
+    path = write(tmp_path, "d.yml", {**BASE, "data_path": str(tmp_path / "missing_text_document")})
+    with pytest.raises(ConfigError, match=f"data_path: file not found: {tmp_path}/missing_text_document.bin"):
+        load_config([path])
+
+
+def test_deepspeed_json_from_yaml(tmp_path):
+    cfg = load(tmp_path, {"fp16": {"enabled": True, "initial_scale_power": 12, "hysteresis": 2},
+                          "zero_optimization": {"stage": 1, "reduce_bucket_size": 1000}, "gradient_clipping": 0.5},
+               world_size=2)
+    ds = deepspeed_config(cfg)
+    assert ds["train_batch_size"] == 12 and ds["gradient_accumulation_steps"] == 3
+    assert ds["gradient_clipping"] == 0.5
+    assert ds["fp16"] == {"enabled": True, "loss_scale": 0.0, "loss_scale_window": 1000,
+                          "initial_scale_power": 12, "hysteresis": 2, "min_loss_scale": 1.0}
+    assert ds["zero_optimization"]["stage"] == 1 and ds["zero_optimization"]["reduce_bucket_size"] == 1000
+
+
+def test_every_key_is_documented():
+    for cls in list(GROUPS.values()):
+        for f in dataclasses.fields(cls):
+            assert f.metadata.get("doc"), f"{cls.__name__}.{f.name} has no documentation"

@@ -1,0 +1,106 @@
+"""The model against Hugging Face's GPTNeoXForCausalLM, exact 20B parameter count, init statistics."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from megatron.config import load_config
+from megatron.config.schema import ModelConfig
+from megatron.model import GPTModel, count_parameters, layer_defs
+from megatron.model.sizing import meta_model
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def tiny(**kw) -> ModelConfig:
+    base = dict(num_layers=2, hidden_size=64, num_attention_heads=4, seq_length=32, rotary_pct=0.25,
+                no_weight_tying=True, init_method="small_init", output_layer_init_method="wang_init")
+    return ModelConfig(**{**base, **kw})
+
+
+def hf_twin(m: ModelConfig, ours: GPTModel, vocab: int):
+    transformers = pytest.importorskip("transformers")
+    hc = transformers.GPTNeoXConfig(
+        vocab_size=vocab, hidden_size=m.hidden_size, num_hidden_layers=m.num_layers,
+        num_attention_heads=m.num_attention_heads, intermediate_size=4 * m.hidden_size,
+        max_position_embeddings=m.seq_length, rotary_pct=m.rotary_pct, rotary_emb_base=m.rotary_emb_base,
+        use_parallel_residual=m.gpt_j_residual, hidden_act="gelu_fast" if m.bias_gelu_fusion else "gelu",
+        tie_word_embeddings=not m.no_weight_tying, attn_implementation="eager", layer_norm_eps=m.layernorm_epsilon,
+    )
+    hf = transformers.GPTNeoXForCausalLM(hc).eval()
+    layers = ours.layers
+    sd = {"gpt_neox.embed_in.weight": layers[0].word_embeddings.weight}
+    for i in range(m.num_layers):
+        for k, v in layers[1 + i].state_dict().items():
+            if not k.endswith("inv_freq"):
+                sd[f"gpt_neox.layers.{i}.{k}"] = v
+    norm = layers[1 + m.num_layers].norm
+    sd["gpt_neox.final_layer_norm.weight"], sd["gpt_neox.final_layer_norm.bias"] = norm.weight, norm.bias
+    sd["lm_head.weight"] = layers[0].word_embeddings.weight if not m.no_weight_tying else layers[-1].final_linear.weight
+    result = hf.load_state_dict(sd, strict=False)
+    assert not result.unexpected_keys and all("inv_freq" in k or "rotary" in k for k in result.missing_keys)
+    return hf
+
+
+@pytest.mark.parametrize("parallel, fused_gelu, untied", [(True, True, True), (False, False, True), (True, False, False)])
+def test_logits_match_transformers(parallel, fused_gelu, untied):
+    m = tiny(gpt_j_residual=parallel, bias_gelu_fusion=fused_gelu, no_weight_tying=untied)
+    ours = GPTModel(layer_defs(m, 128, 256, 32, seed=3)).eval()
+    hf = hf_twin(m, ours, 128)
+    tokens = torch.randint(0, 128, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b = ours(tokens), hf(tokens).logits
+    assert a.shape == (2, 32, 128)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_20b_parameter_count_on_meta():
+    cfg = load_config([str(ROOT / "configs/20B.yml"), str(ROOT / "configs/local_setup.yml")], require_files=False)
+    model = meta_model(cfg)
+    assert count_parameters(model) == 20_554_567_680
+    assert all(p.device.type == "meta" for p in model.parameters())
+    block = model.layers[1]
+    assert block.attention.query_key_value.weight.shape == (18432, 6144)
+    assert block.mlp.dense_4h_to_h.weight.shape == (6144, 24576)
+    assert block.attention.rotary_emb.inv_freq.shape == (12,)  # 24 rotary dims of 96
+
+
+def test_tied_embedding_counted_once():
+    m = tiny(no_weight_tying=False)
+    model = GPTModel(layer_defs(m, 128, 256, 32, seed=0))
+    h, v, f = 64, 128, 256
+    per_layer = (3 * h * h + 3 * h) + (h * h + h) + (h * f + f) + (f * h + h) + 4 * h
+    assert count_parameters(model) == v * h + 2 * per_layer + 2 * h
+
+
+def test_init_statistics():
+    m = tiny(hidden_size=256, num_attention_heads=4, num_layers=4)
+    model = GPTModel(layer_defs(m, 512, 1024, 32, seed=0))
+    small = math.sqrt(2 / (5 * 256))
+    wang = 2 / (4 * math.sqrt(256))
+    block = model.layers[1]
+    assert block.attention.query_key_value.weight.std().item() == pytest.approx(small, rel=0.02)
+    assert block.attention.dense.weight.std().item() == pytest.approx(wang, rel=0.02)
+    assert block.mlp.dense_4h_to_h.weight.std().item() == pytest.approx(wang, rel=0.02)
+    assert block.attention.query_key_value.bias.abs().max().item() == 0.0
+    assert block.input_layernorm.weight.min().item() == 1.0
+    # Each layer draws from its own seeded generator: rebuilding gives the same weights.
+    again = GPTModel(layer_defs(m, 512, 1024, 32, seed=0))
+    assert torch.equal(again.layers[3].mlp.dense_h_to_4h.weight, model.layers[3].mlp.dense_h_to_4h.weight)
+    assert not torch.equal(model.layers[1].mlp.dense_h_to_4h.weight, model.layers[2].mlp.dense_h_to_4h.weight)
+
+
+def test_activation_checkpointing_same_gradients():
+    m = tiny()
+    tokens = torch.randint(0, 128, (2, 32), generator=torch.Generator().manual_seed(1))
+    grads = []
+    for n in (0, 1):
+        model = GPTModel(layer_defs(m, 128, 256, 32, seed=3), checkpoint_num_layers=n).train()
+        torch.nn.functional.cross_entropy(model(tokens).view(-1, 128), tokens.view(-1)).backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
