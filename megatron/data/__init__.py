@@ -1,0 +1,1 @@
+"""Data: the mmap indexed format, GPT samples, preprocessing and built-in corpora."""

@@ -1,0 +1,57 @@
+"""Prepare a built-in corpus for training, offline.
+
+    python prepare_data.py stdlib [--data-dir data] [--vocab-size 8192] [--max-mb 20] [--force]
+
+Trains a byte-level BPE tokenizer on the corpus, writes the mmap indexed dataset and prints the
+config lines that point a run at it. Re-running with the same options reuses valid outputs.
+The corpora themselves live in megatron/data/corpora.py (``CORPORA``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from megatron.data.corpora import CORPORA, CorpusOptions
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("corpus", help=f"corpus to prepare; known: {', '.join(sorted(CORPORA))}")
+    parser.add_argument("--data-dir", default="data", help="outputs go to DATA_DIR/CORPUS/ (default: data)")
+    parser.add_argument("--vocab-size", type=int, default=8192, help="BPE vocabulary size to train (default: 8192)")
+    parser.add_argument("--max-mb", type=float, default=20.0, help="cap on raw text in MB (default: 20)")
+    parser.add_argument("--force", action="store_true", help="rebuild even when valid outputs exist")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    if args.corpus not in CORPORA:
+        parser.error(f"unknown corpus {args.corpus!r}; known corpora: {', '.join(sorted(CORPORA))}")
+    if args.vocab_size < 258 or args.max_mb <= 0:
+        parser.error("--vocab-size must be at least 258 (256 bytes + 2 special tokens) and --max-mb positive")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    opts = CorpusOptions(
+        data_dir=args.data_dir, vocab_size=args.vocab_size, max_mb=args.max_mb,
+        force=args.force, progress=not args.no_progress,
+    )
+    result = CORPORA[args.corpus](opts)
+    if result.reused:
+        print(f"{result.name}: already prepared and valid, nothing to do (use --force to rebuild)")
+    else:
+        print(f"{result.name}: prepared in {result.seconds:.1f} s")
+    print(
+        f"{result.name}: {result.documents} documents, {result.tokens} tokens, "
+        f"{result.text_bytes} bytes of text"
+    )
+    print("Put in your config:")
+    print(f"  data_path: {result.data_path}")
+    print(f"  vocab_file: {result.vocab_file}")
+    print(f"  tokenizer_type: {result.tokenizer_type}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
