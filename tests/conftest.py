@@ -1,0 +1,33 @@
+"""Shared fixtures: a small char-level dataset and a tiny-model config writer."""
+
+from __future__ import annotations
+
+import sysconfig
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from helpers import tiny_config
+
+
+@pytest.fixture(scope="session")
+def char_data(tmp_path_factory) -> str:
+    """A dataset prefix: the stdlib's json and email packages as UTF-8 bytes, one document a file."""
+    from megatron.data.indexed_dataset import MMapIndexedDatasetBuilder
+    from megatron.tokenizer import build_tokenizer
+
+    tok = build_tokenizer("CharLevelTokenizer")
+    prefix = str(tmp_path_factory.mktemp("data") / "chars_text_document")
+    builder = MMapIndexedDatasetBuilder(prefix, np.uint16)
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    for path in sorted((stdlib / "json").glob("*.py")) + sorted((stdlib / "email").glob("*.py")):
+        builder.add_document(tok.tokenize(path.read_text()) + [tok.eod])
+    builder.finalize()
+    return prefix
+
+
+@pytest.fixture
+def tiny(tmp_path, char_data):
+    """tiny(name="run", **overrides) -> config path."""
+    return lambda name="run", **kw: tiny_config(tmp_path, char_data, name, **kw)

@@ -1,0 +1,45 @@
+"""Helpers for tests that run training as a user would (subprocesses of train.py / deepy.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_config(tmp_path: Path, data_prefix: str, name: str = "run", **overrides) -> str:
+    """Write a tiny-model config whose outputs go under tmp_path/name; returns its path."""
+    out = tmp_path / name
+    values = {
+        "num_layers": 2, "hidden_size": 64, "num_attention_heads": 4, "seq_length": 64,
+        "rotary_pct": 0.25, "gpt_j_residual": True, "no_weight_tying": True,
+        "tokenizer_type": "CharLevelTokenizer", "data_path": data_prefix, "split": "90,10,0",
+        "train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 2, "train_iters": 12,
+        "optimizer": {"type": "Adam", "params": {"lr": 0.003, "betas": [0.9, 0.95], "eps": 1.0e-8}},
+        "min_lr": 0.0003, "warmup": 0.1, "log_interval": 1, "eval_interval": 6, "eval_iters": 2,
+        "save": str(out / "ckpt"), "checkpoint_factor": 6, "log_dir": str(out / "logs"),
+        "seed": 1234,
+    }
+    values.update(overrides)
+    values = {k: v for k, v in values.items() if v is not None}
+    path = tmp_path / f"{name}.yml"
+    path.write_text(yaml.safe_dump(values))
+    return str(path)
+
+
+def run_cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), WANDB_MODE="offline")
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def metrics(log_dir: Path, kind: str = "train") -> list[dict]:
+    lines = (Path(log_dir) / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["type"] == kind]

@@ -1,0 +1,129 @@
+"""Training runs as a user starts them (train.py / deepy.py in subprocesses), on the CPU."""
+
+from __future__ import annotations
+
+import torch
+import pytest
+from pathlib import Path
+
+from helpers import metrics, run_cli
+
+
+def losses(log_dir: Path) -> list[float]:
+    return [r["lm_loss"] for r in metrics(log_dir)]
+
+
+def test_single_process_trains_logs_and_checkpoints(tiny, tmp_path):
+    cfg = tiny(tensorboard_dir=str(tmp_path / "run" / "tb"))
+    proc = run_cli("train.py", cfg)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = metrics(tmp_path / "run" / "logs")
+    assert [r["iteration"] for r in records] == list(range(1, 13))
+    first, last = records[0]["lm_loss"], records[-1]["lm_loss"]
+    assert first > 5.0 and last < first - 1.0, (first, last)  # ln(257) = 5.55 at the start
+    assert records[0]["lr"] == pytest.approx(0.003 * 1 / 1)  # warmup 10% of 12 = 1 iteration
+    assert all(r["tokens_per_sec"] > 0 and 0 < r["mfu"] < 1 for r in records)
+    evals = metrics(tmp_path / "run" / "logs", "eval")
+    assert [r["iteration"] for r in evals] == [6, 12] and evals[1]["lm_loss"] < evals[0]["lm_loss"]
+    ckpt = tmp_path / "run" / "ckpt"
+    assert (ckpt / "latest").read_text() == "global_step12"
+    files = sorted(p.name for p in (ckpt / "global_step12").iterdir())
+    assert files == ["configs", "layer_00-model_00-model_states.pt", "layer_02-model_00-model_states.pt",
+                     "layer_03-model_00-model_states.pt", "layer_05-model_00-model_states.pt",
+                     "layer_06-model_00-model_states.pt", "mp_rank_00_model_states.pt"]
+    assert (ckpt / "global_step12" / "configs" / "run.yml").is_file()
+    layer = torch.load(ckpt / "global_step12" / "layer_02-model_00-model_states.pt", weights_only=False)
+    assert layer["attention.query_key_value.weight"].shape == (192, 64)
+    assert "attention.rotary_emb.inv_freq" in layer
+    assert list((tmp_path / "run" / "tb").glob("events.out.tfevents.*"))
+    assert "training finished" in proc.stdout and str(ckpt) in proc.stdout
+
+
+def test_resume_gives_identical_losses(tiny, tmp_path):
+    full = tiny("full")
+    assert run_cli("train.py", full).returncode == 0
+    half = tiny("half", exit_interval=5)
+    proc = run_cli("train.py", half)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "half" / "ckpt" / "latest").read_text() == "global_step5"
+    resumed = tiny("half", load=str(tmp_path / "half" / "ckpt"))
+    proc = run_cli("train.py", resumed)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resumed from" in proc.stdout and "at iteration 5" in proc.stdout
+    assert losses(tmp_path / "half" / "logs") == losses(tmp_path / "full" / "logs")  # bitwise in fp32
+
+
+def test_finetune_loads_weights_only(tiny, tmp_path):
+    assert run_cli("train.py", tiny("base", train_iters=4)).returncode == 0
+    proc = run_cli("train.py", tiny("ft", load=str(tmp_path / "base" / "ckpt"), finetune=True, train_iters=3))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ft = metrics(tmp_path / "ft" / "logs")
+    assert [r["iteration"] for r in ft] == [1, 2, 3]
+    # Starts from trained weights: lower loss than a fresh model's ln(257) ~ 5.55.
+    assert ft[0]["lm_loss"] < losses(tmp_path / "base" / "logs")[0] - 0.3
+
+
+def test_keep_last_n_checkpoints(tiny, tmp_path):
+    proc = run_cli("train.py", tiny(checkpoint_factor=3, keep_last_n_checkpoints=2, eval_interval=100))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(p.name for p in (tmp_path / "run" / "ckpt").iterdir()) == ["global_step12", "global_step9", "latest"]
+
+
+def test_fp16_overflow_skips_steps_and_lowers_scale(tiny, tmp_path):
+    # A loss scale of 2**20 overflows fp16 gradients of this model: the step is skipped, counted,
+    # and the scale halves (hysteresis 1) until gradients fit.
+    cfg = tiny(fp16={"enabled": True, "initial_scale_power": 20, "hysteresis": 1},
+               zero_optimization={"stage": 1}, train_iters=8, eval_interval=100)
+    proc = run_cli("train.py", cfg)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    recs = metrics(tmp_path / "run" / "logs")
+    scales = [r["loss_scale"] for r in recs]
+    skipped = [r["skipped_iters"] for r in recs]
+    assert skipped[0] == 1 and scales[0] == 2.0**19
+    assert skipped == sorted(skipped) and 1 < skipped[-1] < 8
+    assert scales == sorted(scales, reverse=True) and scales[-1] <= 2.0**17
+    assert recs[-1]["lm_loss"] < recs[0]["lm_loss"] - 0.5  # the applied steps learn
+
+
+def test_plain_engine_matches_pipeline_engine(tiny, tmp_path):
+    for name, pp in (("pipe", 1), ("plain", 0)):
+        proc = run_cli("train.py", tiny(name, pipe_parallel_size=pp, train_iters=4, eval_interval=100))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = losses(tmp_path / "pipe" / "logs"), losses(tmp_path / "plain" / "logs")
+    assert a == pytest.approx(b, rel=1e-6)
+
+
+def test_activation_checkpointing_same_losses(tiny, tmp_path):
+    for name, ckpt in (("off", False), ("on", True)):
+        assert run_cli("train.py", tiny(name, checkpoint_activations=ckpt, train_iters=3, eval_interval=100)).returncode == 0
+    assert losses(tmp_path / "on" / "logs") == pytest.approx(losses(tmp_path / "off" / "logs"), rel=1e-6)
+
+
+@pytest.mark.slow
+def test_two_processes_match_one(tiny, tmp_path):
+    """Data parallel 2 x micro 4 equals one process accumulating 2 micro-batches of 4."""
+    one = tiny("one", train_iters=4, eval_interval=100)
+    assert run_cli("train.py", one).returncode == 0
+    two = tiny("two", train_iters=4, eval_interval=100, gradient_accumulation_steps=1, num_gpus=2,
+               zero_optimization={"stage": 1}, master_port=29531)
+    proc = run_cli("deepy.py", "train.py", two)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "launching:" in proc.stdout
+    a, b = losses(tmp_path / "one" / "logs"), losses(tmp_path / "two" / "logs")
+    assert b == pytest.approx(a, rel=1e-5) and b[-1] < b[0]
+
+
+def test_deepy_rejects_bad_config_before_launch(tiny):
+    proc = run_cli("deepy.py", "train.py", tiny(num_layer=3))
+    assert proc.returncode == 2
+    assert "config error: unknown config key 'num_layer'" in proc.stderr and "'num_layers'" in proc.stderr
+    assert "launching" not in proc.stdout
+
+
+def test_missing_checkpoint_directory_is_named(tiny, tmp_path):
+    load = tmp_path / "broken"
+    load.mkdir()
+    (load / "latest").write_text("global_step7")
+    proc = run_cli("train.py", tiny(load=str(load), train_iters=1))
+    assert proc.returncode == 2
+    assert f"{load}/latest names 'global_step7' but {load}/global_step7 does not exist" in proc.stderr
