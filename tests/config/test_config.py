@@ -157,3 +157,11 @@ def test_every_key_is_documented():
     for cls in list(GROUPS.values()):
         for f in dataclasses.fields(cls):
             assert f.metadata.get("doc"), f"{cls.__name__}.{f.name} has no documentation"
+
+
+def test_config_reference_is_up_to_date():
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "tools/config_reference.py", "--check"], cwd=ROOT)
+    assert proc.returncode == 0, "docs/config.md is stale: run python tools/config_reference.py"

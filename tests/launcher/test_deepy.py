@@ -1,0 +1,38 @@
+"""deepy.py as a user runs it: the dry-run plan and errors before launch."""
+
+from __future__ import annotations
+
+from helpers import run_cli
+
+
+def test_dry_run_20b_plan():
+    proc = run_cli("deepy.py", "--dry-run", "train.py", "configs/20B.yml", "configs/local_setup.yml")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = proc.stdout
+    assert "parameters: 20,554,567,680 (20554567680)" in out
+    assert "parallel layout: tensor 2 x pipeline 4 x data 12 = world size 96" in out
+    assert "batch: micro 4 x grad-accum 32 x data 12 = 1536 sequences (3,145,728 tokens) per step" in out
+    assert "fits a A100-40GB" in out and "launching" not in out
+    total = float(next(l for l in out.splitlines() if l.strip().startswith("total")).split()[1])
+    assert 10 < total < 36  # GiB: fits 40 GB with headroom, and is not a trivially small estimate
+
+
+def test_dry_run_without_checkpointing_does_not_fit(tmp_path):
+    extra = tmp_path / "no_ckpt.yml"
+    extra.write_text("checkpoint_activations: false\n")
+    proc = run_cli("deepy.py", "--dry-run", "train.py", "configs/20B.yml", "configs/local_setup.yml", str(extra))
+    assert proc.returncode == 0
+    assert "override checkpoint_activations: True (configs/20B.yml) -> False" in proc.stdout
+    assert "does NOT fit a A100-40GB" in proc.stdout
+
+
+def test_launch_checks_files_first():
+    proc = run_cli("deepy.py", "train.py", "configs/20B.yml", "configs/local_setup.yml")
+    assert proc.returncode == 2
+    assert "config error: vocab_file: file not found: data/20B_tokenizer.json" in proc.stderr
+
+
+def test_tensor_parallel_refused_at_launch_with_reason(tiny):
+    proc = run_cli("deepy.py", "train.py", tiny(model_parallel_size=2))
+    assert proc.returncode == 2
+    assert "model_parallel_size 2: tensor parallelism is not implemented yet" in proc.stderr
