@@ -23,7 +23,8 @@ from typing import Callable
 
 from megatron.data.indexed_dataset import MMapIndexedDataset
 from megatron.data.preprocessing import encode_to_indexed
-from megatron.tokenizer import EOD_TOKEN, PAD_TOKEN, build_tokenizer
+from megatron.tokenizer import build_tokenizer
+from megatron.tokenizer.train import train_bpe
 
 
 @dataclass(frozen=True)
@@ -96,27 +97,6 @@ def stdlib_documents(max_bytes: int) -> list[str]:
 # ---- shared pipeline ----------------------------------------------------------------------
 
 
-def train_bpe_tokenizer(texts: list[str], vocab_size: int, path: str) -> None:
-    """Byte-level BPE in the GPT-NeoX layout: <|endoftext|> id 0, <|padding|> id 1, all 256
-    bytes in the base alphabet so any text encodes without unknown tokens."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        min_frequency=2,
-        special_tokens=[EOD_TOKEN, PAD_TOKEN],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(texts, trainer=trainer, length=len(texts))
-    tmp = path + ".tmp"
-    tok.save(tmp)
-    os.replace(tmp, path)
-
-
 def _paths(name: str, opts: CorpusOptions) -> tuple[str, str, str, str]:
     out_dir = os.path.join(opts.data_dir, name)
     prefix = os.path.join(out_dir, f"{name}_text_document")
@@ -159,7 +139,7 @@ def prepare_corpus(name: str, documents: Callable[[int], list[str]], opts: Corpu
     texts = documents(int(opts.max_mb * 1e6))
     if not texts:
         raise ValueError(f"corpus {name!r}: no documents within {opts.max_mb} MB")
-    train_bpe_tokenizer(texts, opts.vocab_size, vocab_file)
+    train_bpe(texts, opts.vocab_size, vocab_file)
     tokenizer = build_tokenizer("HFTokenizer", vocab_file)
     total = sum(len(t.encode("utf-8")) for t in texts)
     bar = None
@@ -196,4 +176,4 @@ CORPORA: dict[str, Callable[[CorpusOptions], PreparedCorpus]] = {
     "stdlib": build_stdlib,
 }
 
-__all__ = ["CORPORA", "CorpusOptions", "PreparedCorpus", "prepare_corpus", "stdlib_documents", "train_bpe_tokenizer"]
+__all__ = ["CORPORA", "CorpusOptions", "PreparedCorpus", "prepare_corpus", "stdlib_documents"]

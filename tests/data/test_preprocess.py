@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import zstandard
 
-from megatron.data.corpora import train_bpe_tokenizer
+from megatron.tokenizer.train import train_bpe
 from megatron.data.indexed_dataset import MMapIndexedDataset
 from megatron.tokenizer import build_tokenizer
 
@@ -28,7 +28,7 @@ def run(args, cwd):
 def inputs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("pre")
     vocab = str(tmp / "tok.json")
-    train_bpe_tokenizer(DOCS * 5, 320, vocab)
+    train_bpe(DOCS * 5, 320, vocab)
     lines = [json.dumps({"text": d, "meta": {"pile_set_name": "code"}}) for d in DOCS[:8]]
     # Two faults in the compressed shard: a truncated JSON line and a line without "text".
     zst_lines = lines[:4] + ['{"text": "unterminated', json.dumps({"content": "x"})] + lines[4:6]

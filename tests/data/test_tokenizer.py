@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from megatron.data.corpora import train_bpe_tokenizer
+from megatron.tokenizer.train import train_bpe
 from megatron.tokenizer import CharLevelTokenizer, build_tokenizer, pad_vocab_size
 
 TEXT = [
@@ -61,7 +61,7 @@ def test_char_level_round_trip():
 
 def test_hf_tokenizer_trained_in_test(tmp_path):
     path = str(tmp_path / "tokenizer.json")
-    train_bpe_tokenizer(TEXT, 300, path)
+    train_bpe(TEXT, 300, path)
     tok = build_tokenizer("HFTokenizer", path)
     assert (tok.eod, tok.pad) == (0, 1)
     assert 258 < tok.vocab_size <= 300
@@ -77,7 +77,7 @@ def test_hf_tokenizer_trained_in_test(tmp_path):
 
 def test_hf_tokenizer_without_padding_pads_with_eod(tmp_path):
     path = str(tmp_path / "tokenizer.json")
-    train_bpe_tokenizer(TEXT, 300, path)
+    train_bpe(TEXT, 300, path)
     spec = json.loads(open(path).read())
     spec["added_tokens"] = [t for t in spec["added_tokens"] if t["content"] != "<|padding|>"]
     del spec["model"]["vocab"]["<|padding|>"]

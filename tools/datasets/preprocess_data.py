@@ -9,95 +9,23 @@ Flag-compatible with GPT-NeoX's tools/datasets/preprocess_data.py for the common
 writes ``{output_prefix}_{key}_document.{bin,idx}`` for every ``--jsonl-keys`` key. A .jsonl
 line is one JSON object; a .txt file is one whole document (under every key). Lines that are
 not JSON objects or lack the key, and documents that tokenize to nothing, are counted and
-reported but do not stop the run. The encoding loop is megatron.data.preprocessing's, shared
-with prepare_data.py.
+reported but do not stop the run. Reading is megatron.data.text_files' (shared with the
+streaming loader, which must produce the same tokens); the encoding loop is
+megatron.data.preprocessing's (shared with prepare_data.py).
 """
 
 from __future__ import annotations
 
 import argparse
-import glob
-import gzip
-import io
-import json
 import os
 import sys
 import time
-from dataclasses import dataclass, field
-from typing import IO, Iterator
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir, os.pardir)))
 
 from megatron.data.preprocessing import EncodeStats, encode_to_indexed  # noqa: E402
+from megatron.data.text_files import ReadStats, expand_inputs, iter_texts  # noqa: E402
 from megatron.tokenizer import TOKENIZERS, build_tokenizer  # noqa: E402
-
-
-@dataclass
-class ReadStats:
-    """Input problems, counted per key pass."""
-
-    lines: int = 0
-    bad_json: int = 0
-    missing_key: int = 0
-    examples: list[str] = field(default_factory=list)
-
-    def bad(self, kind: str, where: str) -> None:
-        setattr(self, kind, getattr(self, kind) + 1)
-        if len(self.examples) < 5:  # a few locations help find the problem without flooding
-            self.examples.append(f"{where}: {kind.replace('_', ' ')}")
-
-
-def expand_inputs(spec: str) -> list[str]:
-    """Comma-separated paths or globs, each glob sorted so the document order is reproducible;
-    a file matched twice is read once."""
-    paths: list[str] = []
-    for part in filter(None, (p.strip() for p in spec.split(","))):
-        matches = sorted(glob.glob(part)) if glob.has_magic(part) else [part]
-        matches = [m for m in matches if os.path.isfile(m)]
-        if not matches:
-            raise FileNotFoundError(f"--input {part!r} matches no file")
-        paths.extend(m for m in matches if m not in paths)  # overlapping globs: read once
-    if not paths:
-        raise FileNotFoundError(f"--input {spec!r} names no file")
-    return paths
-
-
-def open_binary(path: str) -> IO[bytes]:
-    """Decompressing reader by extension; lines are decoded one by one so a bad byte costs one line."""
-    if path.endswith(".zst"):
-        import zstandard
-
-        # read_across_frames: shards concatenated from several zstd frames must be read to the end.
-        reader = zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), read_across_frames=True, closefd=True)
-        return io.BufferedReader(reader)
-    if path.endswith(".gz"):
-        return gzip.open(path, "rb")
-    return open(path, "rb")
-
-
-def iter_texts(paths: list[str], key: str, stats: ReadStats) -> Iterator[str]:
-    for path in paths:
-        if path.endswith(".txt"):
-            with open(path, encoding="utf-8", errors="replace") as f:
-                stats.lines += 1
-                yield f.read()
-            continue
-        with open_binary(path) as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                stats.lines += 1
-                try:
-                    obj = json.loads(line)  # UnicodeDecodeError is a ValueError too
-                except ValueError:
-                    stats.bad("bad_json", f"{path}:{lineno}")
-                    continue
-                if not isinstance(obj, dict):
-                    stats.bad("bad_json", f"{path}:{lineno}")
-                elif not isinstance(obj.get(key), str):
-                    stats.bad("missing_key", f"{path}:{lineno}")
-                else:
-                    yield obj[key]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
