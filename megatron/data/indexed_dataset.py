@@ -53,6 +53,15 @@ def index_file_path(prefix: str) -> str:
     return prefix + ".idx"
 
 
+def write_index(path: str, dtype: np.dtype, sizes: np.ndarray, pointers: np.ndarray, doc_idx: np.ndarray) -> None:
+    """Write a .idx file (the layout in the module docstring)."""
+    with open(path, "wb") as f:
+        f.write(HEADER.pack(MAGIC, VERSION, CODE_OF_DTYPE[np.dtype(dtype)], len(sizes), len(doc_idx)))
+        f.write(np.asarray(sizes).astype("<i4").tobytes())
+        f.write(np.asarray(pointers).astype("<i8").tobytes())
+        f.write(np.asarray(doc_idx).astype("<i8").tobytes())
+
+
 class MMapIndexedDatasetBuilder:
     """Streams documents to ``PREFIX.bin`` as they are added; ``finalize`` writes ``PREFIX.idx``.
 
@@ -109,11 +118,7 @@ class MMapIndexedDatasetBuilder:
         # One sequence per document: doc_idx is 0, 1, ..., N.
         doc_idx = np.arange(self._count + 1, dtype=np.int64)
         idx_path = index_file_path(self.out_prefix)
-        with open(idx_path + ".tmp", "wb") as f:
-            f.write(HEADER.pack(MAGIC, VERSION, CODE_OF_DTYPE[self.dtype], self._count, len(doc_idx)))
-            f.write(sizes.astype("<i4").tobytes())
-            f.write(pointers.astype("<i8").tobytes())
-            f.write(doc_idx.astype("<i8").tobytes())
+        write_index(idx_path + ".tmp", self.dtype, sizes, pointers, doc_idx)
         os.replace(self._tmp_bin, data_file_path(self.out_prefix))
         os.replace(idx_path + ".tmp", idx_path)
 
@@ -236,3 +241,64 @@ class MMapIndexedDataset:
     @staticmethod
     def exists(prefix: str) -> bool:
         return os.path.isfile(index_file_path(prefix)) and os.path.isfile(data_file_path(prefix))
+
+
+def merge_indexed_datasets(prefixes: Sequence[str], out_prefix: str, progress: bool = False) -> MMapIndexedDataset:
+    """Concatenate datasets into ``out_prefix``: the .bin is the inputs' .bin files back to back,
+    byte for byte, and the index is theirs shifted by what came before.
+
+    Pointers are shifted by the preceding .bin sizes rather than recomputed from the sizes, so an
+    input with unused bytes in its .bin still merges correctly. An input without doc_idx entries
+    counts each sequence as one document (what the builder writes). Inputs must share a dtype.
+    """
+    import shutil
+
+    if not prefixes:
+        raise ValueError("merge: no input datasets")
+    inputs = [MMapIndexedDataset(p) for p in prefixes]
+    dtype = inputs[0].dtype
+    for ds in inputs[1:]:
+        if ds.dtype != dtype:
+            raise IndexedDatasetError(
+                f"{index_file_path(ds.prefix)}: token dtype {ds.dtype} differs from {dtype} of "
+                f"{index_file_path(inputs[0].prefix)}; merge needs one dtype"
+            )
+    if any(os.path.abspath(out_prefix) == os.path.abspath(p) for p in prefixes):
+        raise ValueError(f"merge: the output {out_prefix} is also an input")
+    sizes, pointers, doc_idx = [], [], [np.zeros(1, dtype=np.int64)]
+    byte_offset, seq_offset = 0, 0
+    bin_path = data_file_path(out_prefix)
+    os.makedirs(os.path.dirname(os.path.abspath(out_prefix)), exist_ok=True)
+    total = sum(os.path.getsize(data_file_path(p)) for p in prefixes)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, unit="B", unit_scale=True, desc="merging")
+    try:
+        with open(bin_path + ".tmp", "wb") as out:
+            for ds in inputs:
+                with open(data_file_path(ds.prefix), "rb") as src:
+                    nbytes = os.path.getsize(data_file_path(ds.prefix))
+                    shutil.copyfileobj(src, out, 16 << 20)
+                sizes.append(np.asarray(ds.sizes))
+                pointers.append(np.asarray(ds.pointers) + byte_offset)
+                docs = np.asarray(ds.doc_idx) if len(ds.doc_idx) else np.arange(len(ds) + 1, dtype=np.int64)
+                doc_idx.append(docs[1:] + seq_offset)
+                byte_offset += nbytes
+                seq_offset += len(ds)
+                if bar is not None:
+                    bar.update(nbytes)
+        write_index(index_file_path(out_prefix) + ".tmp", dtype, np.concatenate(sizes), np.concatenate(pointers),
+                    np.concatenate(doc_idx))
+    except BaseException:
+        for path in (bin_path + ".tmp", index_file_path(out_prefix) + ".tmp"):
+            if os.path.exists(path):
+                os.remove(path)
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+    os.replace(bin_path + ".tmp", bin_path)
+    os.replace(index_file_path(out_prefix) + ".tmp", index_file_path(out_prefix))
+    return MMapIndexedDataset(out_prefix)
