@@ -1,0 +1,100 @@
+"""The one call the training setup makes to get its train / valid / test datasets.
+
+Two ways to name the data, as in GPT-NeoX:
+
+* ``data_path`` + ``split``: one preprocessed dataset whose documents are cut contiguously into
+  train / valid / test by the split weights (``gpt_dataset.build_train_valid_test_datasets``);
+* ``train_paths`` / ``valid_paths`` / ``test_paths`` (+ optional ``*_weights``): each split is its
+  own list of dataset prefixes, every document of each used, blended by weight
+  (``blended_dataset``). A split with one prefix is that prefix's GPTDataset, unblended.
+
+Weights left unset are proportional to each prefix's token count, so a corpus sharded into
+prefixes of any sizes is sampled as if it were one dataset (every token about once per epoch).
+GPT-NeoX instead defaults to equal weights, which would read a small shard as often as a large
+one. Given weights are relative (normalised to sum 1); a prefix with weight 0 is left out.
+
+Sample order is a function of the data and ``seed`` only: each GPTDataset's order does not
+depend on its sample count, nor does the blend's, so asking for more samples (a longer run)
+only appends.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from megatron.data.blended_dataset import BlendedDataset, BlendIndex
+from megatron.data.gpt_dataset import GPTDataset, build_train_valid_test_datasets
+from megatron.data.indexed_dataset import MMapIndexedDataset
+
+SPLIT_NAMES = ("train", "valid", "test")
+
+
+def _check_weights(name: str, paths: Sequence[str], weights: Sequence[float] | None) -> None:
+    if weights is None:
+        return
+    if len(weights) != len(paths):
+        raise ValueError(f"{name}_data_weights has {len(weights)} entries but {name}_data_paths has {len(paths)}")
+    if any(not np.isfinite(float(w)) or float(w) < 0 for w in weights) or sum(float(w) for w in weights) <= 0:
+        raise ValueError(f"{name}_data_weights must be non-negative with a positive sum, got {list(weights)}")
+
+
+def build_blended_dataset(
+    name: str,
+    paths: Sequence[str],
+    weights: Sequence[float] | None,
+    num_samples: int,
+    seq_length: int,
+    seed: int,
+) -> GPTDataset | BlendedDataset:
+    """``num_samples`` samples drawn from all documents of ``paths``, blended by ``weights``
+    (None: by token count). Each component is sized to what the blend takes from it."""
+    _check_weights(name, paths, weights)
+    indexed = [MMapIndexedDataset(p) for p in paths]
+    if weights is None:
+        weights = [float(ds.sizes.sum(dtype=np.int64)) for ds in indexed]
+        if sum(weights) <= 0:
+            raise ValueError(f"{name}: the datasets {list(paths)} hold no tokens")
+    kept = [j for j, w in enumerate(weights) if float(w) > 0]
+    if len(kept) == 1:
+        ds = indexed[kept[0]]
+        return GPTDataset(name, ds, np.arange(len(ds)), num_samples, seq_length, seed)
+    kept_weights = [float(weights[j]) for j in kept]
+    need = BlendIndex(kept_weights, seed).counts(num_samples)
+    components = [
+        GPTDataset(name, indexed[j], np.arange(len(indexed[j])), int(n), seq_length, seed) for j, n in zip(kept, need)
+    ]
+    return BlendedDataset(components, kept_weights, num_samples, seed)
+
+
+def build_datasets(
+    data_path: str | None,
+    train_paths: Sequence[str] | None,
+    valid_paths: Sequence[str] | None,
+    test_paths: Sequence[str] | None,
+    train_weights: Sequence[float] | None,
+    valid_weights: Sequence[float] | None,
+    test_weights: Sequence[float] | None,
+    split: str,
+    num_samples: tuple[int, int, int],
+    seq_length: int,
+    seed: int,
+) -> tuple:
+    """(train, valid, test) datasets; a split with no data or no requested samples is None."""
+    lists = (train_paths, valid_paths, test_paths)
+    if data_path and any(lists):
+        raise ValueError("set either data_path (with split) or train/valid/test_data_paths, not both")
+    if data_path:
+        return build_train_valid_test_datasets(data_path, split, num_samples, seq_length, seed)
+    if not train_paths:
+        raise ValueError("no training data: set data_path or train_data_paths")
+    out = []
+    for name, paths, weights, n in zip(SPLIT_NAMES, lists, (train_weights, valid_weights, test_weights), num_samples):
+        if weights and not paths:
+            raise ValueError(f"{name}_data_weights is set but {name}_data_paths is not")
+        if not paths or n <= 0:
+            out.append(None)
+            continue
+        out.append(build_blended_dataset(name, list(paths), weights, n, seq_length, seed))
+    return out[0], out[1], out[2]
