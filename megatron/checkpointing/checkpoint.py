@@ -22,6 +22,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megatron.parallel import random as tp_random
+
 TAG_PATTERN = re.compile(r"^global_step(\d+)$")
 
 
@@ -34,7 +36,8 @@ def tag_for(iteration: int) -> str:
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+             "tensor_parallel": tp_random.get_states()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
@@ -46,6 +49,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
+    tp_random.set_states(state["tensor_parallel"])
 
 
 def _rank() -> int:

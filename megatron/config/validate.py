@@ -125,11 +125,6 @@ def check_precision(opt: OptimizerConfig, parallel: ParallelConfig, derived: "De
 
 def check_launchable(cfg: "NeoXConfig") -> None:
     """Layouts the planner accepts but training cannot run yet."""
-    if cfg.parallel.model_parallel_size > 1:
-        raise ConfigError(
-            f"model_parallel_size {cfg.parallel.model_parallel_size}: tensor parallelism is not "
-            "implemented yet (--dry-run plans such layouts); use model_parallel_size: 1"
-        )
     d = cfg.data
     if d.train_data_paths or d.valid_data_paths or d.test_data_paths:
         raise ConfigError("train/valid/test_data_paths blending is not implemented yet; use data_path")

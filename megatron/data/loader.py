@@ -4,6 +4,12 @@ Global batch k is dataset samples [k*G, (k+1)*G). It is cut into gradient-accumu
 micro-steps of micro*dp samples, and data-parallel rank r takes slice [r*micro, (r+1)*micro) of
 each (Megatron's pretraining sampler). The position is a pure function of the number of samples
 consumed, so a resumed run serves exactly what an uninterrupted run would have.
+
+Datasets come in two kinds, and the dataset object says which: random-access ones (GPTDataset,
+BlendedDataset: ``len`` and ``[i]``) are indexed directly, so a rank reads only its own samples;
+sequential ones (StreamingDataset) expose ``iter_samples(start)`` instead, and every rank walks
+the stream and keeps its slice of each micro-step chunk. Both serve the same samples to the same
+rank for the same ``consumed_samples``.
 """
 
 from __future__ import annotations
@@ -20,6 +26,10 @@ def micro_batches(
     dataset: Sequence[np.ndarray], consumed_samples: int, micro_batch: int, dp_size: int, dp_rank: int,
 ) -> Iterator[Batch]:
     """Endless (tokens, labels) micro-batches for this rank, starting after `consumed_samples`."""
+    iter_samples = getattr(dataset, "iter_samples", None)
+    if iter_samples is not None:
+        yield from _sequential_micro_batches(iter_samples(consumed_samples), micro_batch, dp_size, dp_rank)
+        return
     step = micro_batch * dp_size
     start = consumed_samples + dp_rank * micro_batch
     while True:
@@ -28,10 +38,22 @@ def micro_batches(
                 f"the dataset has {len(dataset)} samples but sample {start + micro_batch - 1} was "
                 "requested: build it with more samples (train_iters x train_batch_size)"
             )
-        samples = np.stack([dataset[i] for i in range(start, start + micro_batch)]).astype(np.int64)
-        data = torch.from_numpy(samples)
-        yield data[:, :-1].contiguous(), data[:, 1:].contiguous()
+        yield _to_batch([dataset[i] for i in range(start, start + micro_batch)])
         start += step
+
+
+def _to_batch(samples: list[np.ndarray]) -> Batch:
+    data = torch.from_numpy(np.stack(samples).astype(np.int64))
+    return data[:, :-1].contiguous(), data[:, 1:].contiguous()
+
+
+def _sequential_micro_batches(samples: Iterator[np.ndarray], micro_batch: int, dp_size: int, dp_rank: int
+                              ) -> Iterator[Batch]:
+    """Micro-step chunks of micro*dp consecutive samples; this rank keeps its slice of each."""
+    lo, hi = dp_rank * micro_batch, (dp_rank + 1) * micro_batch
+    while True:
+        chunk = [next(samples) for _ in range(micro_batch * dp_size)]
+        yield _to_batch(chunk[lo:hi])
 
 
 def eval_batches(dataset: Sequence[np.ndarray], micro_batch: int, dp_size: int, dp_rank: int) -> Iterator[Batch]:

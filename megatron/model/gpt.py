@@ -26,21 +26,28 @@ from torch.utils.checkpoint import checkpoint
 
 from megatron.config.schema import ModelConfig
 from megatron.model.init import init_std, layer_generator, normal_
-from megatron.model.transformer import TransformerLayer, make_linear, make_norm
+from megatron.model.transformer import Device, TransformerLayer, make_norm
+from megatron.parallel.comm import enter_tp, scatter_to_sequence
+from megatron.parallel.groups import SINGLE, TensorParallel
+from megatron.parallel.layers import ColumnParallelLinear, VocabParallelEmbedding, vocab_parallel_cross_entropy
+from megatron.parallel.random import checkpoint_context, tp_rng
 
 
 class Embedding(nn.Module):
+    """Token (+ learned position) embedding. The vocabulary is split over tensor-parallel ranks;
+    with sequence parallelism the output leaves as this rank's slice of the sequence."""
+
     def __init__(
         self, model: ModelConfig, padded_vocab: int, max_positions: int, gen: torch.Generator,
-        device: torch.device | str | None = None,
+        device: Device = "cpu", tp: TensorParallel = SINGLE,
     ) -> None:
         super().__init__()
+        self.tp = tp
         std = init_std(model.init_method, model)
-        self.word_embeddings = skip_init(nn.Embedding, padded_vocab, model.hidden_size, device=device or "cpu")
-        normal_(self.word_embeddings.weight, std, gen)
+        self.word_embeddings = VocabParallelEmbedding(padded_vocab, model.hidden_size, std, gen, device, tp)
         self.position_embeddings = None
         if model.pos_emb == "learned":
-            self.position_embeddings = skip_init(nn.Embedding, max_positions, model.hidden_size, device=device or "cpu")
+            self.position_embeddings = skip_init(nn.Embedding, max_positions, model.hidden_size, device=device)
             normal_(self.position_embeddings.weight, std, gen)
         self.dropout = model.hidden_dropout
 
@@ -48,25 +55,34 @@ class Embedding(nn.Module):
         x = self.word_embeddings(tokens)
         if self.position_embeddings is not None:
             x = x + self.position_embeddings(torch.arange(tokens.shape[1], device=tokens.device))
+        if self.tp.sequence_parallel:
+            x = scatter_to_sequence(x, self.tp)
+            if self.dropout and self.training:
+                with tp_rng():
+                    x = F.dropout(x, self.dropout)
+            return x
         return F.dropout(x, self.dropout, self.training) if self.dropout else x
 
 
 class FinalNorm(nn.Module):
-    def __init__(self, model: ModelConfig, gen: torch.Generator, device: torch.device | str | None = None) -> None:
+    def __init__(self, model: ModelConfig, gen: torch.Generator, device: Device = "cpu", tp: TensorParallel = SINGLE) -> None:
         super().__init__()
-        self.norm = make_norm(model, device)
+        self.norm = make_norm(model, device, tp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm(x)
 
 
 class OutputLayer(nn.Module):
+    """hidden -> logits, split over the vocabulary on tensor-parallel ranks (never gathered)."""
+
     def __init__(
-        self, model: ModelConfig, padded_vocab: int, gen: torch.Generator, device: torch.device | str | None = None
+        self, model: ModelConfig, padded_vocab: int, gen: torch.Generator, device: Device = "cpu",
+        tp: TensorParallel = SINGLE,
     ) -> None:
         super().__init__()
         std = init_std(model.init_method, model)
-        self.final_linear = make_linear(model.hidden_size, padded_vocab, std, gen, device, bias=False)
+        self.final_linear = ColumnParallelLinear(model.hidden_size, padded_vocab, std, gen, device, bias=False, tp=tp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.final_linear(x)
@@ -74,7 +90,7 @@ class OutputLayer(nn.Module):
 
 def tied_output(embedding: Embedding, x: torch.Tensor) -> torch.Tensor:
     """The output layer when weights are tied: logits from the input embedding matrix."""
-    return F.linear(x, embedding.word_embeddings.weight)
+    return F.linear(enter_tp(x, embedding.tp), embedding.word_embeddings.weight)
 
 
 def gpt_neox_layer_slot(x: torch.Tensor) -> torch.Tensor:
@@ -99,7 +115,7 @@ class LayerDef:
 
 def layer_defs(
     model: ModelConfig, padded_vocab: int, ffn: int, max_positions: int, seed: int,
-    device: torch.device | str | None = None,
+    device: Device = "cpu", tp: TensorParallel = SINGLE,
 ) -> list[LayerDef]:
     """The architecture as an ordered list; every weighted layer gets its own seeded generator."""
     L = model.num_layers
@@ -107,19 +123,19 @@ def layer_defs(
     defs = [LayerDef(
         "embedding", Embedding,
         dict(model=model, padded_vocab=padded_vocab, max_positions=max_positions,
-             gen=layer_generator(seed, 0), device=device),
+             gen=layer_generator(seed, 0), device=device, tp=tp),
         tied_key="embed" if tie else None,
     ), LayerDef("slot", gpt_neox_layer_slot)]
     for i in range(L):
         defs.append(LayerDef(f"layer{i}", TransformerLayer,
-                             dict(model=model, ffn=ffn, gen=layer_generator(seed, 2 + i), device=device)))
+                             dict(model=model, ffn=ffn, gen=layer_generator(seed, 2 + i), device=device, tp=tp)))
     defs.append(LayerDef("slot", gpt_neox_layer_slot))
-    defs.append(LayerDef("final_norm", FinalNorm, dict(model=model, gen=layer_generator(seed, L + 3), device=device)))
+    defs.append(LayerDef("final_norm", FinalNorm, dict(model=model, gen=layer_generator(seed, L + 3), device=device, tp=tp)))
     if tie:
         defs.append(LayerDef("output", Embedding, defs[0].kwargs, tied_key="embed", forward_fn=tied_output))
     else:
         defs.append(LayerDef("output", OutputLayer, dict(
-            model=model, padded_vocab=padded_vocab, gen=layer_generator(seed, L + 4), device=device)))
+            model=model, padded_vocab=padded_vocab, gen=layer_generator(seed, L + 4), device=device, tp=tp)))
     return defs
 
 
@@ -165,13 +181,13 @@ class GPTModel(nn.Module):
         for start in range(2, last, n):
             end = min(start + n, last)
             # Non-reentrant checkpoint restores the RNG state, so dropout masks match the forward.
-            x = checkpoint(self._run, start, end, x, use_reentrant=False)
+            x = checkpoint(self._run, start, end, x, use_reentrant=False, context_fn=checkpoint_context)
         return self._run(last, len(self.steps), x)
 
 
-def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy, computed in fp32 whatever the training dtype."""
-    return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), labels.reshape(-1))
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor, tp: TensorParallel = SINGLE) -> torch.Tensor:
+    """Mean next-token cross-entropy in fp32, over logits split across tensor-parallel ranks."""
+    return vocab_parallel_cross_entropy(logits, labels, tp).mean()
 
 
 def count_parameters(module: nn.Module) -> int:

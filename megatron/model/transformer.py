@@ -12,95 +12,108 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils import skip_init
 
 from megatron.config.schema import ModelConfig
-from megatron.model.init import init_std, normal_
+from megatron.model.init import init_std
 from megatron.model.rotary import RotaryEmbedding, apply_rotary
+from megatron.parallel.comm import leave_tp
+from megatron.parallel.groups import SINGLE, TensorParallel
+from megatron.parallel.layers import ColumnParallelLinear, LayerNorm, RMSNorm, RowParallelLinear
+from megatron.parallel.random import tp_rng
+
+Device = torch.device | str
 
 
-def make_linear(
-    n_in: int, n_out: int, std: float, gen: torch.Generator, device: torch.device | str | None, bias: bool = True
-) -> nn.Linear:
-    """A linear layer initialised from `gen` (no default init: it would be thrown away)."""
-    layer = skip_init(nn.Linear, n_in, n_out, bias=bias, device=device or "cpu")
-    normal_(layer.weight, std, gen)
-    if bias and layer.bias.device.type != "meta":
-        nn.init.zeros_(layer.bias)
-    return layer
-
-
-def make_norm(model: ModelConfig, device: torch.device | str | None) -> nn.Module:
+def make_norm(model: ModelConfig, device: Device, tp: TensorParallel = SINGLE) -> nn.Module:
     if model.norm == "rmsnorm":
-        return nn.RMSNorm(model.hidden_size, eps=model.rms_norm_epsilon, device=device)
-    return nn.LayerNorm(model.hidden_size, eps=model.layernorm_epsilon, device=device)
+        return RMSNorm(model.hidden_size, model.rms_norm_epsilon, device, tp)
+    return LayerNorm(model.hidden_size, model.layernorm_epsilon, device, tp)
 
 
 class Attention(nn.Module):
-    def __init__(self, model: ModelConfig, gen: torch.Generator, device: torch.device | str | None) -> None:
+    """Heads are split over tensor-parallel ranks: query_key_value is column-parallel (whole heads
+    per rank), dense is row-parallel."""
+
+    def __init__(self, model: ModelConfig, gen: torch.Generator, device: Device, tp: TensorParallel = SINGLE) -> None:
         super().__init__()
         h = model.hidden_size
-        self.heads = model.num_attention_heads
-        self.head_dim = h // self.heads
+        self.heads = model.num_attention_heads // tp.size  # on this rank
+        self.head_dim = h // model.num_attention_heads
         self.dropout = model.attention_dropout
-        self.query_key_value = make_linear(h, 3 * h, init_std(model.init_method, model), gen, device)
-        self.dense = make_linear(h, h, init_std(model.output_layer_init_method, model), gen, device)
+        self.query_key_value = ColumnParallelLinear(h, 3 * h, init_std(model.init_method, model), gen, device, tp=tp)
+        self.dense = RowParallelLinear(h, h, init_std(model.output_layer_init_method, model), gen, device, tp=tp)
         self.rotary_emb = None
         if model.pos_emb == "rotary":
             rot_dims = int(self.head_dim * model.rotary_pct)
             self.rotary_emb = RotaryEmbedding(rot_dims, model.rotary_emb_base, device=device)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, s, _ = x.shape
+    def forward(self, x: torch.Tensor, reduce: bool = True) -> torch.Tensor:
+        """reduce=False returns this rank's partial output without bias (see TransformerLayer)."""
         # Rows of query_key_value are grouped per head as [q_h; k_h; v_h] (GPT-NeoX layout), so
         # splitting the last dim of the per-head view gives q, k, v; TP splits keep whole heads.
-        qkv = self.query_key_value(x).view(b, s, self.heads, 3 * self.head_dim)
+        qkv = self.query_key_value(x)  # [b, s, 3 * h / tp], the full sequence even with SP
+        b, s = qkv.shape[:2]
+        qkv = qkv.view(b, s, self.heads, 3 * self.head_dim)
         q, k, v = qkv.transpose(1, 2).split(self.head_dim, dim=-1)  # each [b, heads, s, hd]
         if self.rotary_emb is not None:
             cos, sin = self.rotary_emb.cos_sin(s, q.dtype)
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        out = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0,
-            scale=1.0 / math.sqrt(self.head_dim),
-        )
-        return self.dense(out.transpose(1, 2).reshape(b, s, -1))
+        with tp_rng():  # heads differ per rank, so must their dropout masks
+            out = F.scaled_dot_product_attention(
+                q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0,
+                scale=1.0 / math.sqrt(self.head_dim),
+            )
+        out = out.transpose(1, 2).reshape(b, s, -1)
+        return self.dense(out) if reduce else self.dense.partial(out)
 
 
 class MLP(nn.Module):
-    def __init__(self, model: ModelConfig, ffn: int, gen: torch.Generator, device: torch.device | str | None) -> None:
+    def __init__(self, model: ModelConfig, ffn: int, gen: torch.Generator, device: Device, tp: TensorParallel = SINGLE) -> None:
         super().__init__()
         h = model.hidden_size
-        self.dense_h_to_4h = make_linear(h, ffn, init_std(model.init_method, model), gen, device)
-        self.dense_4h_to_h = make_linear(ffn, h, init_std(model.output_layer_init_method, model), gen, device)
+        self.dense_h_to_4h = ColumnParallelLinear(h, ffn, init_std(model.init_method, model), gen, device, tp=tp)
+        self.dense_4h_to_h = RowParallelLinear(ffn, h, init_std(model.output_layer_init_method, model), gen, device, tp=tp)
         if model.activation == "relu":
             self.act = nn.ReLU()
         else:  # GPT-NeoX's fused bias-GELU kernel is the tanh approximation
             self.act = nn.GELU(approximate="tanh" if model.bias_gelu_fusion else "none")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dense_4h_to_h(self.act(self.dense_h_to_4h(x)))
+    def forward(self, x: torch.Tensor, reduce: bool = True) -> torch.Tensor:
+        y = self.act(self.dense_h_to_4h(x))
+        return self.dense_4h_to_h(y) if reduce else self.dense_4h_to_h.partial(y)
 
 
 class TransformerLayer(nn.Module):
     def __init__(
-        self, model: ModelConfig, ffn: int, gen: torch.Generator, device: torch.device | str | None = None
+        self, model: ModelConfig, ffn: int, gen: torch.Generator, device: Device = "cpu", tp: TensorParallel = SINGLE
     ) -> None:
         super().__init__()
+        self.tp = tp
         self.parallel_residual = model.gpt_j_residual
         self.hidden_dropout = model.hidden_dropout
-        self.input_layernorm = make_norm(model, device)
+        self.input_layernorm = make_norm(model, device, tp)
         # Untied even with the parallel residual: GPT-NeoX-20B kept two norms by accident.
-        self.post_attention_layernorm = make_norm(model, device)
-        self.attention = Attention(model, gen, device)
-        self.mlp = MLP(model, ffn, gen, device)
+        self.post_attention_layernorm = make_norm(model, device, tp)
+        self.attention = Attention(model, gen, device, tp)
+        self.mlp = MLP(model, ffn, gen, device, tp)
 
     def _drop(self, x: torch.Tensor) -> torch.Tensor:
-        return F.dropout(x, self.hidden_dropout, self.training) if self.hidden_dropout else x
+        if not (self.hidden_dropout and self.training):
+            return x
+        if self.tp.sequence_parallel:  # sequence shards differ per rank
+            with tp_rng():
+                return F.dropout(x, self.hidden_dropout)
+        return F.dropout(x, self.hidden_dropout)  # replicated: same mask on every rank
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.parallel_residual:
-            attn = self._drop(self.attention(self.input_layernorm(x)))
-            mlp = self._drop(self.mlp(self.post_attention_layernorm(x)))
-            return x + attn + mlp
+            # x + attn(ln1(x)) + mlp(ln2(x)): the two row-parallel partial outputs are summed
+            # locally and reduced ONCE; the replicated biases are added after the reduce.
+            # (GPT-NeoX adds per-rank biases before it, which is why its shards' biases sum.)
+            attn = self.attention(self.input_layernorm(x), reduce=False)
+            mlp = self.mlp(self.post_attention_layernorm(x), reduce=False)
+            out = leave_tp(attn + mlp, self.tp)
+            out = self.mlp.dense_4h_to_h.add_bias(self.attention.dense.add_bias(out))
+            return x + self._drop(out)
         x = x + self._drop(self.attention(self.input_layernorm(x)))
         return x + self._drop(self.mlp(self.post_attention_layernorm(x)))

@@ -9,21 +9,19 @@ from __future__ import annotations
 
 from functools import partial
 
-import torch
 from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
 from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 from torch.utils.checkpoint import checkpoint
 
 from megatron.config.schema import ParallelConfig, TrainingConfig
 from megatron.model.gpt import LayerDef, lm_loss
-
-
-def _pipeline_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return lm_loss(logits, labels)
+from megatron.parallel.groups import TensorParallel
+from megatron.parallel.random import checkpoint_context
 
 
 def to_pipeline_module(
-    defs: list[LayerDef], parallel: ParallelConfig, training: TrainingConfig, data_parallel_size: int
+    defs: list[LayerDef], parallel: ParallelConfig, training: TrainingConfig, data_parallel_size: int,
+    tp: TensorParallel,
 ) -> PipelineModule:
     specs = []
     for d in defs:
@@ -42,11 +40,11 @@ def to_pipeline_module(
         topology=PipeModelDataParallelTopology(
             num_pp=max(parallel.pipe_parallel_size, 1), num_mp=parallel.model_parallel_size,
             num_dp=data_parallel_size),
-        loss_fn=_pipeline_loss,
+        loss_fn=partial(lm_loss, tp=tp),
         partition_method=parallel.pipe_partition_method,
         activation_checkpoint_interval=ckpt,
         # Only transformer layers are recomputed; the non-reentrant function restores the RNG
-        # state and accepts inputs that need no grad (the embedding's output on stage 0).
-        activation_checkpoint_func=partial(checkpoint, use_reentrant=False),
+        # states (ours too, via checkpoint_context) and accepts inputs that need no grad.
+        activation_checkpoint_func=partial(checkpoint, use_reentrant=False, context_fn=checkpoint_context),
         checkpointable_layers=["TransformerLayer"],
     )

@@ -14,7 +14,10 @@ import torch
 import torch.distributed as dist
 
 from megatron.config import NeoXConfig, deepspeed_config
+from megatron.parallel.device import local_device
 from megatron.model.gpt import GPTModel, layer_defs, lm_loss
+from megatron.parallel.groups import ParallelGroups
+from megatron.parallel.layers import mark_for_grad_norm
 from megatron.parallel.pipeline import to_pipeline_module
 from megatron.training.lr_schedule import AnnealingLR
 from megatron.training.optimizer import build_optimizer
@@ -25,9 +28,10 @@ Batch = tuple[torch.Tensor, torch.Tensor]  # (tokens, labels), each [micro_batch
 class Stepper:
     """One optimizer step (all micro-batches of a global batch) and one eval batch."""
 
-    def __init__(self, engine: deepspeed.DeepSpeedEngine, gas: int) -> None:
+    def __init__(self, engine: deepspeed.DeepSpeedEngine, gas: int, groups: ParallelGroups) -> None:
         self.engine = engine
         self.gas = gas
+        self.groups = groups
 
     def train_batch(self, data: Iterator[Batch]) -> float:
         raise NotImplementedError
@@ -73,7 +77,7 @@ class PlainStepper(Stepper):
         losses = []
         for _ in range(self.gas):
             tokens, labels = self._to_device(next(data))
-            loss = lm_loss(self.engine(tokens), labels)
+            loss = lm_loss(self.engine(tokens), labels, self.groups.tensor)
             self.engine.backward(loss)
             self.engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
             losses.append(loss.detach())
@@ -85,28 +89,32 @@ class PlainStepper(Stepper):
         losses = []
         for _ in range(self.gas):
             tokens, labels = self._to_device(next(data))
-            losses.append(lm_loss(self.engine(tokens), labels))
+            losses.append(lm_loss(self.engine(tokens), labels, self.groups.tensor))
         self.engine.train()
         return self._mean_over_data_parallel(losses)
 
 
-def build_engine(cfg: NeoXConfig) -> tuple[Stepper, AnnealingLR]:
+def build_engine(cfg: NeoXConfig, groups: ParallelGroups) -> tuple[Stepper, AnnealingLR]:
     """Model on this rank's device, optimizer, LR schedule, DeepSpeed engine."""
     d = cfg.derived
     defs = layer_defs(cfg.model, d.padded_vocab_size, d.intermediate_size, d.max_position_embeddings,
-                      cfg.training.seed)
+                      cfg.training.seed, device=local_device(), tp=groups.tensor)
     pipelined = cfg.parallel.pipe_parallel_size >= 1
     if pipelined:
-        module = to_pipeline_module(defs, cfg.parallel, cfg.training, d.data_parallel_size)
+        module = to_pipeline_module(defs, cfg.parallel, cfg.training, d.data_parallel_size, groups.tensor)
     else:
         ckpt = cfg.training.checkpoint_num_layers if cfg.training.checkpoint_activations else 0
         module = GPTModel(defs, checkpoint_num_layers=ckpt)
+    mark_for_grad_norm(module, groups.tensor)
     optimizer = build_optimizer(module, cfg.optimizer, d.lr)
     scheduler = AnnealingLR(optimizer, d.lr, cfg.lr.min_lr, d.warmup_iters, d.lr_decay_iters,
                             cfg.lr.lr_decay_style)
     engine, _, _, _ = deepspeed.initialize(
         model=module, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg),
         dist_init_required=False,
+        # The pipeline engine builds its groups from the module's topology; the plain one
+        # takes ours (tensor-parallel ranks share data, ZeRO shards over data ranks only).
+        mpu=None if pipelined else groups,
     )
     stepper_cls = PipelineStepper if pipelined else PlainStepper
-    return stepper_cls(engine, d.gradient_accumulation_steps), scheduler
+    return stepper_cls(engine, d.gradient_accumulation_steps, groups), scheduler

@@ -18,6 +18,8 @@ from megatron.config.validate import check_launchable
 from megatron.data.gpt_dataset import GPTDataset, build_train_valid_test_datasets
 from megatron.logging import MetricsLogger
 from megatron.parallel.device import default_backend, local_device
+from megatron.parallel.groups import ParallelGroups
+from megatron.parallel.random import seed_tp_rng
 from megatron.tokenizer import AbstractTokenizer, build_tokenizer
 from megatron.training.engine import Stepper, build_engine
 from megatron.training.flops import device_peak_flops, flops_per_token
@@ -101,9 +103,12 @@ def build_run(cfg: NeoXConfig) -> RunState:
         cfg.data.data_path, cfg.data.split, samples, cfg.model.seq_length, cfg.training.seed)
     if train is None:
         raise ConfigError(f"split {cfg.data.split!r} leaves no training documents in {cfg.data.data_path}")
-    stepper, scheduler = build_engine(cfg)
-    grid = getattr(stepper.engine, "grid", None)
-    dp_rank = grid.get_data_parallel_rank() if grid is not None else dist.get_rank()
+    par = cfg.parallel
+    groups = ParallelGroups(max(par.pipe_parallel_size, 1), par.model_parallel_size, d.data_parallel_size,
+                            par.sequence_parallel)
+    seed_tp_rng(cfg.training.seed, groups.tp_rank)
+    stepper, scheduler = build_engine(cfg, groups)
+    dp_rank = groups.dp_rank
     logger = MetricsLogger(
         cfg.logging.log_dir, cfg.logging.tensorboard_dir, cfg.logging.use_wandb,
         cfg.logging.wandb_project, cfg.logging.wandb_group, cfg.to_dict(),

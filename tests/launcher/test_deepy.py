@@ -32,7 +32,7 @@ def test_launch_checks_files_first():
     assert "config error: vocab_file: file not found: data/20B_tokenizer.json" in proc.stderr
 
 
-def test_tensor_parallel_refused_at_launch_with_reason(tiny):
-    proc = run_cli("deepy.py", "train.py", tiny(model_parallel_size=2))
+def test_impossible_layout_names_the_numbers(tiny):
+    proc = run_cli("deepy.py", "train.py", tiny(model_parallel_size=2, num_gpus=3))
     assert proc.returncode == 2
-    assert "model_parallel_size 2: tensor parallelism is not implemented yet" in proc.stderr
+    assert "config error: world size 3 is not divisible by model_parallel_size 2 x pipe_parallel_size 1 = 2" in proc.stderr
