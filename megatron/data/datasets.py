@@ -27,6 +27,7 @@ import numpy as np
 from megatron.data.blended_dataset import BlendedDataset, BlendIndex
 from megatron.data.gpt_dataset import GPTDataset, build_train_valid_test_datasets
 from megatron.data.indexed_dataset import MMapIndexedDataset
+from megatron.data.streaming import StreamingDataset
 
 SPLIT_NAMES = ("train", "valid", "test")
 
@@ -97,4 +98,35 @@ def build_datasets(
             out.append(None)
             continue
         out.append(build_blended_dataset(name, list(paths), weights, n, seq_length, seed))
+    return out[0], out[1], out[2]
+
+
+def build_streaming_datasets(
+    train_paths: Sequence[str],
+    valid_paths: Sequence[str] | None,
+    test_paths: Sequence[str] | None,
+    tokenizer_spec: tuple[str, str | None, str | None],
+    seq_length: int,
+    seed: int,
+    workers: int,
+    text_key: str = "text",
+    shuffle_files: bool = True,
+    cache_dir: str | None = None,
+) -> tuple:
+    """(train, valid, test) StreamingDatasets over raw jsonl / jsonl.zst / txt files (globs allowed).
+
+    Training files are read in a per-epoch seeded order when ``shuffle_files``; validation and
+    test files always in the given order, so every evaluation sees the same samples. Streams are
+    endless, so no sample counts are needed. Blending weights do not apply to streams.
+    """
+    if not train_paths:
+        raise ValueError("streaming needs train_data_paths (raw jsonl / jsonl.zst files or globs)")
+    out = []
+    for name, paths in zip(SPLIT_NAMES, (train_paths, valid_paths, test_paths)):
+        if not paths:
+            out.append(None)
+            continue
+        order_seed = seed if (name == "train" and shuffle_files) else None
+        out.append(StreamingDataset(list(paths), tokenizer_spec, seq_length, order_seed, workers, text_key,
+                                    cache_dir=cache_dir))
     return out[0], out[1], out[2]
