@@ -1,10 +1,15 @@
-"""Prepare a built-in corpus for training, offline.
+"""Prepare a built-in corpus for training.
 
     python prepare_data.py stdlib [--data-dir data] [--vocab-size 8192] [--max-mb 20] [--force]
+    python prepare_data.py debian        # needs: apt-get install python3-doc dict-gcide
+    python prepare_data.py enwik8 [--url URL] [--timeout 60]
+    python prepare_data.py pile --url URL_OF_SHARD.jsonl.zst [--url ...]
 
 Trains a byte-level BPE tokenizer on the corpus, writes the mmap indexed dataset and prints the
 config lines that point a run at it. Re-running with the same options reuses valid outputs.
-The corpora themselves live in megatron/data/corpora.py (``CORPORA``).
+stdlib and debian work offline; enwik8 and pile download into DATA_DIR/CORPUS/raw/ (a file
+already there is used as is, so on a machine without internet copy it in). The corpora
+themselves live in megatron/data/corpora.py (``CORPORA``).
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from megatron.data.corpora import CORPORA, CorpusOptions
+from megatron.data.corpora import CORPORA, CorpusOptions, CorpusUnavailable
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -23,6 +28,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-mb", type=float, default=20.0, help="cap on raw text in MB (default: 20)")
     parser.add_argument("--force", action="store_true", help="rebuild even when valid outputs exist")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--url", action="append", default=[],
+                        help="download from this URL (enwik8: a mirror; pile: a shard; repeatable)")
+    parser.add_argument("--timeout", type=float, default=60.0, help="seconds before a silent download fails")
     args = parser.parse_args(argv)
     if args.corpus not in CORPORA:
         parser.error(f"unknown corpus {args.corpus!r}; known corpora: {', '.join(sorted(CORPORA))}")
@@ -35,9 +43,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     opts = CorpusOptions(
         data_dir=args.data_dir, vocab_size=args.vocab_size, max_mb=args.max_mb,
-        force=args.force, progress=not args.no_progress,
+        force=args.force, progress=not args.no_progress, urls=tuple(args.url), timeout=args.timeout,
     )
-    result = CORPORA[args.corpus](opts)
+    try:
+        result = CORPORA[args.corpus](opts)
+    except CorpusUnavailable as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     if result.reused:
         print(f"{result.name}: already prepared and valid, nothing to do (use --force to rebuild)")
     else:

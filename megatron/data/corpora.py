@@ -1,9 +1,14 @@
-"""Built-in corpora that can be prepared offline: documents -> BPE tokenizer -> indexed dataset.
+"""Built-in corpora: documents -> BPE tokenizer -> indexed dataset.
 
-``CORPORA`` maps a name to a builder; ``prepare_data.py NAME`` runs it. A corpus module only has
-to say which documents it holds (a function returning texts in a deterministic order); training
-the tokenizer, encoding, writing and the "already prepared" check are shared by all of them, and
+``CORPORA`` maps a name to a builder; ``prepare_data.py NAME`` runs it. A corpus only has to say
+which documents it holds (``corpus_sources``: texts in a deterministic order); training the
+tokenizer, encoding, writing and the "already prepared" check are shared by all of them, and
 encoding goes through the same ``encode_to_indexed`` as ``tools/datasets/preprocess_data.py``.
+
+    stdlib   the Python standard library's sources (always available, the default)
+    debian   Python documentation + GCIDE dictionary from Debian packages (python3-doc, dict-gcide)
+    enwik8   first 100 MB of English Wikipedia, downloaded (--url to use a mirror or a copy)
+    pile     Pile-format .jsonl.zst shards downloaded from --url
 
 Layout of a prepared corpus ``NAME`` under ``data_dir``::
 
@@ -16,11 +21,18 @@ from __future__ import annotations
 
 import json
 import os
-import sysconfig
 import time
 from dataclasses import asdict, dataclass
 from typing import Callable
 
+from megatron.data.corpus_sources import (
+    ENWIK8_URL,
+    CorpusUnavailable,
+    debian_documents,
+    enwik8_documents,
+    pile_documents,
+    stdlib_documents,
+)
 from megatron.data.indexed_dataset import MMapIndexedDataset
 from megatron.data.preprocessing import encode_to_indexed
 from megatron.tokenizer import build_tokenizer
@@ -36,6 +48,9 @@ class CorpusOptions:
     max_mb: float = 20.0  # cap on raw text, so the default corpus prepares in about a minute
     force: bool = False
     progress: bool = True
+    urls: tuple[str, ...] = ()  # downloads: override the default URL (enwik8) or name the shards (pile)
+    timeout: float = 60.0  # seconds before a download that gets no answer gives up
+    system_root: str = "/"  # where installed packages are looked up (tests point it elsewhere)
 
 
 @dataclass
@@ -51,47 +66,6 @@ class PreparedCorpus:
     text_bytes: int
     seconds: float
     reused: bool
-
-
-# ---- document sources ---------------------------------------------------------------------
-
-_EXCLUDED_DIRS = {"site-packages", "dist-packages", "__pycache__"}
-_TEST_DIRS = {"test", "tests", "idle_test"}
-
-
-def stdlib_documents(max_bytes: int) -> list[str]:
-    """The Python standard library's .py sources, one document per file.
-
-    Order is deterministic: library modules first, then test suites (less typical code, so they
-    are the part the byte cap cuts), each in sorted path order; files are taken while they fit
-    under ``max_bytes``. Installed third-party packages
-    are excluded; files that are not valid UTF-8 (the test suite has deliberate ones) are skipped.
-    """
-    root = sysconfig.get_paths()["stdlib"]
-    library: list[str] = []
-    tests: list[str] = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if d not in _EXCLUDED_DIRS)
-        rel_parts = os.path.relpath(dirpath, root).split(os.sep)
-        bucket = tests if _TEST_DIRS.intersection(rel_parts) else library
-        bucket.extend(os.path.join(dirpath, f) for f in sorted(filenames) if f.endswith(".py"))
-    docs: list[str] = []
-    total = 0
-    for path in sorted(library) + sorted(tests):
-        # Files that would overflow the cap are skipped, not a stopping point, so a small cap
-        # still fills up with the smaller files that follow.
-        if total + os.path.getsize(path) > max_bytes:
-            continue
-        try:
-            with open(path, encoding="utf-8") as f:
-                text = f.read()
-        except (UnicodeDecodeError, OSError):
-            continue
-        size = len(text.encode("utf-8"))
-        if total + size <= max_bytes and text.strip():
-            docs.append(text)
-            total += size
-    return docs
 
 
 # ---- shared pipeline ----------------------------------------------------------------------
@@ -111,7 +85,9 @@ def _reuse_existing(name: str, opts: CorpusOptions) -> PreparedCorpus | None:
             manifest = json.load(f)
         if not isinstance(manifest, dict):
             return None
-        if manifest.get("vocab_size") != opts.vocab_size or manifest.get("max_mb") != opts.max_mb:
+        if (manifest.get("vocab_size"), manifest.get("max_mb"), manifest.get("urls")) != (
+            opts.vocab_size, opts.max_mb, list(opts.urls)
+        ):
             return None
         build_tokenizer("HFTokenizer", vocab_file)
         data = MMapIndexedDataset(prefix)
@@ -160,7 +136,7 @@ def prepare_corpus(name: str, documents: Callable[[int], list[str]], opts: Corpu
         name, prefix, vocab_file, "HFTokenizer", stats.documents, stats.tokens, stats.text_bytes,
         seconds, reused=False,
     )
-    manifest = {"vocab_size": opts.vocab_size, "max_mb": opts.max_mb, **asdict(result)}
+    manifest = {"vocab_size": opts.vocab_size, "max_mb": opts.max_mb, "urls": list(opts.urls), **asdict(result)}
     with open(manifest_path + ".tmp", "w") as f:
         json.dump(manifest, f, indent=2)
     os.replace(manifest_path + ".tmp", manifest_path)
@@ -172,8 +148,29 @@ def build_stdlib(opts: CorpusOptions) -> PreparedCorpus:
     return prepare_corpus("stdlib", stdlib_documents, opts)
 
 
+def build_debian(opts: CorpusOptions) -> PreparedCorpus:
+    return prepare_corpus("debian", lambda cap: debian_documents(cap, opts.system_root), opts)
+
+
+def build_enwik8(opts: CorpusOptions) -> PreparedCorpus:
+    if len(opts.urls) > 1:
+        raise CorpusUnavailable("corpus 'enwik8' takes at most one --url (the enwik8.zip to fetch)")
+    url = opts.urls[0] if opts.urls else ENWIK8_URL
+    raw = os.path.join(opts.data_dir, "enwik8", "raw")
+    return prepare_corpus("enwik8", lambda cap: enwik8_documents(cap, raw, url, opts.timeout, opts.progress), opts)
+
+
+def build_pile(opts: CorpusOptions) -> PreparedCorpus:
+    raw = os.path.join(opts.data_dir, "pile", "raw")
+    return prepare_corpus("pile", lambda cap: pile_documents(cap, raw, list(opts.urls), opts.timeout, opts.progress),
+                          opts)
+
+
 CORPORA: dict[str, Callable[[CorpusOptions], PreparedCorpus]] = {
     "stdlib": build_stdlib,
+    "debian": build_debian,
+    "enwik8": build_enwik8,
+    "pile": build_pile,
 }
 
-__all__ = ["CORPORA", "CorpusOptions", "PreparedCorpus", "prepare_corpus", "stdlib_documents"]
+__all__ = ["CORPORA", "CorpusOptions", "CorpusUnavailable", "PreparedCorpus", "prepare_corpus"]

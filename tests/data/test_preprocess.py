@@ -132,4 +132,4 @@ def test_prepare_data_stdlib_small(tmp_path):
 def test_prepare_data_unknown_corpus():
     res = run(["prepare_data.py", "wikipedia"], cwd=ROOT)
     assert res.returncode == 2
-    assert "error: unknown corpus 'wikipedia'; known corpora: stdlib" in res.stderr
+    assert "error: unknown corpus 'wikipedia'; known corpora: debian, enwik8, pile, stdlib" in res.stderr
