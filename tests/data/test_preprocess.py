@@ -133,3 +133,22 @@ def test_prepare_data_unknown_corpus():
     res = run(["prepare_data.py", "wikipedia"], cwd=ROOT)
     assert res.returncode == 2
     assert "error: unknown corpus 'wikipedia'; known corpora: debian, enwik8, pile, stdlib" in res.stderr
+
+
+def test_workers_do_not_change_a_byte(inputs):
+    """A .jsonl.zst of 400 documents (several batches in flight): --workers 2 writes exactly the
+    bytes --workers 1 writes."""
+    tmp, vocab = inputs
+    docs = [DOCS[i % len(DOCS)] * (1 + i % 5) + f"# {i}\n" for i in range(400)]
+    with open(tmp / "big.jsonl.zst", "wb") as f:
+        f.write(zstandard.ZstdCompressor().compress("\n".join(json.dumps({"text": d}) for d in docs).encode()))
+    outputs = []
+    for workers in (1, 2):
+        out = str(tmp / f"big{workers}")
+        res = run([os.path.join(ROOT, "tools/datasets/preprocess_data.py"), "--input", str(tmp / "big.jsonl.zst"),
+                   "--tokenizer-type", "HFTokenizer", "--vocab-file", vocab, "--append-eod",
+                   "--output-prefix", out, "--workers", str(workers)], cwd=tmp)
+        assert res.returncode == 0, res.stderr
+        outputs.append([open(f"{out}_text_document{ext}", "rb").read() for ext in (".bin", ".idx")])
+    assert outputs[0] == outputs[1]
+    assert len(MMapIndexedDataset(str(tmp / "big1_text_document"))) == 400
