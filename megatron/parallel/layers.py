@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megatron.model.init import normal_
-from megatron.parallel.comm import enter_tp, gather_last_dim, leave_tp, sequence_shared
+from megatron.parallel.comm import enter_tp, gather_last_dim, leave_tp, reduce_from_tp, sequence_shared
 from megatron.parallel.groups import SINGLE, TensorParallel
 
 
@@ -101,7 +101,8 @@ class VocabParallelEmbedding(nn.Module):
         outside = (tokens < self.start) | (tokens >= self.end)
         local = (tokens - self.start).masked_fill(outside, 0)
         out = F.embedding(local, self.weight).masked_fill(outside.unsqueeze(-1), 0.0)
-        return leave_tp(out, self.tp)
+        # Always the full sequence: the caller adds positions, then may scatter to sequence shards.
+        return reduce_from_tp(out, self.tp)
 
 
 class LayerNorm(nn.LayerNorm):
