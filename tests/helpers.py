@@ -43,3 +43,31 @@ def run_cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
 def metrics(log_dir: Path, kind: str = "train") -> list[dict]:
     lines = (Path(log_dir) / "metrics.jsonl").read_text().splitlines()
     return [r for r in map(json.loads, lines) if r["type"] == kind]
+
+
+def run_distributed(fn, world_size: int, *args) -> None:
+    """Run fn(rank, world_size, *args) in `world_size` gloo processes (OLMo-core's pattern).
+
+    fn must live in an importable module (spawned children import it by name)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_init_and_run, args=(world_size, port, fn, args), nprocs=world_size, join=True)
+
+
+def _init_and_run(rank: int, world_size: int, port: int, fn, args) -> None:
+    import torch
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        fn(rank, world_size, *args)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
