@@ -1,9 +1,11 @@
 """Texts -> tokens -> mmap indexed dataset: the loop shared by ``prepare_data.py`` (built-in
 corpora) and ``tools/datasets/preprocess_data.py`` (user files), so both write identical data.
 
-Texts are tokenized in batches (``tokenize_batch`` uses the Rust thread pool of ``tokenizers``);
-with ``workers > 1`` batches go to a process pool whose ``imap`` keeps document order, which the
-output must preserve so that document ids are reproducible.
+Texts are tokenized in batches. With ``workers = 1`` two batches at a time run on background
+threads (``tokenize_batch`` releases the GIL and uses the Rust thread pool of ``tokenizers``),
+overlapping reading, JSON parsing and writing; with ``workers > 1`` batches go to a process pool.
+Results are consumed in submission order either way, which the output must preserve so that
+document ids are reproducible (and the bytes do not depend on ``workers``).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import multiprocessing
 import os
 import time
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
@@ -51,38 +54,56 @@ def _init_worker(tokenizer_type: str, vocab_file: str | None, merge_file: str | 
     _worker_tokenizer = build_tokenizer(tokenizer_type, vocab_file, merge_file)
 
 
-def _encode_in_worker(texts: list[str]) -> list[list[int]]:
+Packed = tuple[np.ndarray, np.ndarray]  # all ids of a batch back to back, and each document's length
+
+
+def _encode_packed(tokenizer: AbstractTokenizer, texts: list[str]) -> Packed:
+    """Ids of a batch as two arrays: a list of lists of Python ints costs far more to pickle
+    back from a worker (and to hold) than the tokenization itself."""
+    ids = tokenizer.tokenize_batch(texts)
+    lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
+    flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64, count=int(lengths.sum()))
+    return flat, lengths
+
+
+def _encode_in_worker(texts: list[str]) -> Packed:
     assert _worker_tokenizer is not None, "pool initializer did not run"
-    return _worker_tokenizer.tokenize_batch(texts)
+    return _encode_packed(_worker_tokenizer, texts)
 
 
-def _batches(texts: Iterable[str], batch_size: int) -> Iterator[list[str]]:
-    it = iter(texts)
-    while batch := list(itertools.islice(it, batch_size)):
+def _batches(texts: Iterable[str], batch_chars: int, max_docs: int = 4096) -> Iterator[list[str]]:
+    """Batches of about ``batch_chars`` characters: sized by text rather than by document count,
+    so corpora of long files and of short entries both get batches that keep the tokenizer's
+    threads busy yet are numerous enough to pipeline (a handful of huge batches would leave
+    threads idle behind the slowest)."""
+    batch: list[str] = []
+    size = 0
+    for text in texts:
+        batch.append(text)
+        size += len(text)
+        if size >= batch_chars or len(batch) >= max_docs:
+            yield batch
+            batch, size = [], 0
+    if batch:
         yield batch
 
 
-def _encoded_batches(
-    batches: Iterator[list[str]], tokenizer: AbstractTokenizer, pool, window: int
-) -> Iterator[tuple[int, list[list[int]]]]:
-    """(text bytes, token ids) per batch, in input order.
+def _encoded_batches(batches: Iterator[list[str]], submit: Callable, window: int) -> Iterator[tuple[int, Packed]]:
+    """(text bytes, packed ids) per batch, in input order, with at most ``window`` batches in
+    flight (``Pool.imap`` would read the whole input ahead, so memory would grow with it).
 
-    With a pool, at most ``window`` batches are in flight: ``Pool.imap`` would read the whole
-    input ahead into its task queue, so memory would grow with the corpus.
+    ``submit(batch)`` returns something with ``.get()`` or ``.result()``: a process pool's or a
+    thread pool's handle. Either way, reading and parsing the next batches overlaps tokenizing.
     """
     pending: deque = deque()
     for batch in batches:
-        nbytes = sum(len(t.encode("utf-8")) for t in batch)
-        if pool is None:
-            yield nbytes, tokenizer.tokenize_batch(batch)
-            continue
-        pending.append((nbytes, pool.apply_async(_encode_in_worker, (batch,))))
+        pending.append((sum(len(t.encode("utf-8")) for t in batch), submit(batch)))
         if len(pending) >= window:
-            nb, result = pending.popleft()
-            yield nb, result.get()
+            nbytes, handle = pending.popleft()
+            yield nbytes, (handle.get() if hasattr(handle, "get") else handle.result())
     while pending:
-        nb, result = pending.popleft()
-        yield nb, result.get()
+        nbytes, handle = pending.popleft()
+        yield nbytes, (handle.get() if hasattr(handle, "get") else handle.result())
 
 
 def encode_to_indexed(
@@ -91,7 +112,7 @@ def encode_to_indexed(
     out_prefix: str,
     append_eod: bool = True,
     workers: int = 1,
-    batch_size: int = 64,
+    batch_chars: int = 1 << 17,
     tokenizer_spec: tuple[str, str | None, str | None] | None = None,
     progress: Callable[[EncodeStats, int], None] | None = None,
 ) -> EncodeStats:
@@ -107,18 +128,28 @@ def encode_to_indexed(
     stats = EncodeStats()
     start = time.perf_counter()
     builder = MMapIndexedDatasetBuilder(out_prefix, best_dtype(tokenizer.vocab_size))
-    pool = None
+    eod = np.array([tokenizer.eod], dtype=np.int64)
+    pool = threads = None
     try:
         if workers > 1:
             pool = multiprocessing.get_context("fork").Pool(workers, _init_worker, tokenizer_spec)
-        for nbytes, batch_ids in _encoded_batches(_batches(texts, batch_size), tokenizer, pool, 4 * workers):
-            for ids in batch_ids:
-                if not ids:
+            submit, window = (lambda batch: pool.apply_async(_encode_in_worker, (batch,))), 4 * workers
+        else:
+            # encode_batch releases the GIL and runs on the Rust thread pool: two batches in
+            # flight keep its threads busy while this thread parses input and writes output.
+            threads = ThreadPoolExecutor(2)
+            submit, window = (lambda batch: threads.submit(_encode_packed, tokenizer, batch)), 4
+        for nbytes, (flat, lengths) in _encoded_batches(_batches(texts, batch_chars), submit, window):
+            offset = 0
+            for n in lengths.tolist():
+                if n == 0:
                     stats.empty += 1
                     continue
+                ids = flat[offset:offset + n]
+                offset += n
                 if append_eod:
-                    ids = list(ids) + [tokenizer.eod]
-                builder.add_document(np.asarray(ids, dtype=np.int64))
+                    ids = np.concatenate([ids, eod])
+                builder.add_document(ids)
                 stats.documents += 1
                 stats.tokens += len(ids)
             stats.text_bytes += nbytes
@@ -131,6 +162,8 @@ def encode_to_indexed(
         if pool is not None:
             pool.terminate()
             pool.join()
+        if threads is not None:
+            threads.shutdown(cancel_futures=True)
     builder.finalize()
     stats.seconds = time.perf_counter() - start
     return stats

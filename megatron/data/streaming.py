@@ -90,7 +90,7 @@ class StreamingDataset:
         seed: int | None = None,
         workers: int = 1,
         text_key: str = "text",
-        batch_lines: int = 256,
+        batch_lines: int = 32,
         cache_dir: str | None = None,
     ) -> None:
         if seq_length < 1 or workers < 0 or batch_lines < 1:

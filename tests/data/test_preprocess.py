@@ -136,10 +136,11 @@ def test_prepare_data_unknown_corpus():
 
 
 def test_workers_do_not_change_a_byte(inputs):
-    """A .jsonl.zst of 400 documents (several batches in flight): --workers 2 writes exactly the
-    bytes --workers 1 writes."""
+    """A .jsonl.zst of 400 documents, about 600 kB (several 128k-character batches in flight):
+    --workers 2 writes exactly the bytes --workers 1 writes."""
     tmp, vocab = inputs
-    docs = [DOCS[i % len(DOCS)] * (1 + i % 5) + f"# {i}\n" for i in range(400)]
+    docs = [DOCS[i % len(DOCS)] * (20 + i % 30) + f"# {i}\n" for i in range(400)]
+    assert sum(map(len, docs)) > 4 * (1 << 17)
     with open(tmp / "big.jsonl.zst", "wb") as f:
         f.write(zstandard.ZstdCompressor().compress("\n".join(json.dumps({"text": d}) for d in docs).encode()))
     outputs = []
