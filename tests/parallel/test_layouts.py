@@ -2,7 +2,8 @@
 
 Each layout keeps the global batch (8 sequences) and the padded vocabulary (512 rows, so the
 model is the same whatever the tensor-parallel size) and runs 4 steps with gradient clipping on.
-Tolerance reached: 1e-5 relative on every logged loss and gradient norm.
+Tolerance reached: 1e-5 relative on every logged loss and gradient norm in fp32; with TP2 in
+bf16 the losses stay within 2% of the fp32 reference and in fp16 within 0.2% (LOOSE).
 """
 
 from __future__ import annotations
@@ -24,8 +25,14 @@ LAYOUTS = {
     "pp4": dict(pipe_parallel_size=4),
     "tp2_pp2": dict(model_parallel_size=2, pipe_parallel_size=2),
     "tp2_pp2_dp2": dict(model_parallel_size=2, pipe_parallel_size=2, gradient_accumulation_steps=2),
+    "tp2_pp2_ckpt": dict(model_parallel_size=2, pipe_parallel_size=2, checkpoint_activations=True),
+    # Mixed precision against the fp32 reference (the tolerance is in LOOSE).
+    "tp2_bf16": dict(model_parallel_size=2, bf16={"enabled": True}),
+    "tp2_fp16": dict(model_parallel_size=2, fp16={"enabled": True, "initial_scale_power": 12}),
 }
-SLOW = {"pp4", "tp2_pp2", "tp2_pp2_dp2"}
+SLOW = {"pp4", "tp2_pp2", "tp2_pp2_dp2", "tp2_pp2_ckpt"}
+# bf16 keeps 8 mantissa bits, fp16 11: losses stay within these of the fp32 run over 4 steps.
+LOOSE = {"tp2_bf16": 2e-2, "tp2_fp16": 2e-3}
 
 
 def world(layout: dict) -> int:
@@ -57,6 +64,22 @@ def test_layout_matches_single_process(name, reference, tiny, tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     got = trajectory(tmp_path / name / "logs")
     assert len(got) == 4
+    rel = LOOSE.get(name, 1e-5)
     for (loss, norm), (ref_loss, ref_norm) in zip(got, reference):
-        assert loss == pytest.approx(ref_loss, rel=1e-5)
-        assert norm == pytest.approx(ref_norm, rel=1e-5)
+        assert loss == pytest.approx(ref_loss, rel=rel)
+        assert norm == pytest.approx(ref_norm, rel=max(rel, 1e-5) * 5 if name in LOOSE else rel)
+
+
+def test_tensor_parallel_checkpoint_files_and_resume(reference, tiny, tmp_path):
+    """TP2 x PP2 writes one file per layer and model rank, and resumes to the same losses."""
+    layout = dict(REFERENCE, model_parallel_size=2, pipe_parallel_size=2, make_vocab_size_divisible_by=256,
+                  num_gpus=4, master_port=29931, save=str(tmp_path / "ck"), checkpoint_factor=2)
+    assert run_cli("deepy.py", "train.py", tiny("a", **layout, exit_interval=2)).returncode == 0
+    step = tmp_path / "ck" / "global_step2"
+    names = sorted(p.name for p in step.iterdir() if p.name.startswith("layer_"))
+    expected = [f"layer_{i:02d}-model_{r:02d}-model_states.pt" for i in (0, 2, 3, 4, 5, 7, 8) for r in (0, 1)]
+    assert names == expected
+    proc = run_cli("deepy.py", "train.py", tiny("a", **layout, load=str(tmp_path / "ck")))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [loss for loss, _ in trajectory(tmp_path / "a" / "logs")] == pytest.approx(
+        [loss for loss, _ in reference], rel=1e-5)
