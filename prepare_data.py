@@ -35,7 +35,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.corpus not in CORPORA:
         parser.error(f"unknown corpus {args.corpus!r}; known corpora: {', '.join(sorted(CORPORA))}")
     if args.vocab_size < 281 or args.max_mb <= 0:
-        parser.error("--vocab-size must be at least 281 (256 bytes + 2 special tokens + 23 space runs) and --max-mb positive")
+        parser.error("--vocab-size must be at least 281 (256 bytes + 2 special tokens + 23 space runs) "
+                     "and --max-mb positive")
     return args
 
 

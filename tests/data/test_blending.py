@@ -111,7 +111,8 @@ def test_build_datasets_errors(prefixes):
     cases = [
         ((prefixes[0], prefixes, None, None, None, None, None), "set either data_path"),
         ((None, None, None, None, None, None, None), "no training data"),
-        ((None, prefixes, None, None, [1, 2], None, None), "train_data_weights has 2 entries but train_data_paths has 3"),
+        ((None, prefixes, None, None, [1, 2], None, None),
+         "train_data_weights has 2 entries but train_data_paths has 3"),
         ((None, prefixes, None, None, [1, -1, 1], None, None), "non-negative with a positive sum"),
         ((None, prefixes, None, None, None, [1.0], None), "valid_data_weights is set but valid_data_paths is not"),
     ]

@@ -36,7 +36,8 @@ def fake_debian(root):
     (src / "library").mkdir(parents=True)
     (src / "tutorial.rst.txt").write_text("Tutorial\n========\n" + FILLER)
     (src / "library" / "os.rst.txt").write_text(":mod:`os`\n" + FILLER)
-    entries = ["Header of the database\n", "Apple \\Ap\"ple\\, n.\n   A fruit.\n", "Zebra \\Ze\"bra\\, n.\n   A horse.\n"]
+    entries = ["Header of the database\n", "Apple \\Ap\"ple\\, n.\n   A fruit.\n",
+               "Zebra \\Ze\"bra\\, n.\n   A horse.\n"]
     dictd = root / "usr/share/dictd"
     dictd.mkdir(parents=True)
     blob = "".join(entries).encode()
