@@ -91,6 +91,8 @@ def check_model(model: ModelConfig, parallel: ParallelConfig, derived: "Derived"
         raise ConfigError(
             f"seq_length {model.seq_length} exceeds max_position_embeddings {derived.max_position_embeddings}"
         )
+    if parallel.sequence_parallel and model.seq_length % tp:
+        raise ConfigError(f"sequence_parallel: seq_length {model.seq_length} is not divisible by model_parallel_size {tp}")
     pp = max(parallel.pipe_parallel_size, 1)
     if model.num_layers < pp:
         raise ConfigError(f"num_layers {model.num_layers} is fewer than pipe_parallel_size {pp} stages")

@@ -115,6 +115,8 @@ def test_batch_triple_disagreement(tmp_path):
      "ZeRO 0 and 1 only; set pipe_parallel_size: 0 (no pipeline) or stage: 1"),
     ({"train_iters": None}, 1, "set train_iters or train_tokens"),
     ({"hidden_dropout": 1.5}, 1, "hidden_dropout must be in [0, 1), got 1.5"),
+    ({"sequence_parallel": True, "model_parallel_size": 3, "num_attention_heads": 6, "hidden_size": 96,
+      "seq_length": 32}, 3, "sequence_parallel: seq_length 32 is not divisible by model_parallel_size 3"),
 ])
 def test_validation_errors(tmp_path, extra, world, expected):
     assert error(tmp_path, extra, world_size=world) == expected

@@ -83,3 +83,17 @@ def test_tensor_parallel_checkpoint_files_and_resume(reference, tiny, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert [loss for loss, _ in trajectory(tmp_path / "a" / "logs")] == pytest.approx(
         [loss for loss, _ in reference], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_tied_embeddings_across_tensor_and_pipeline_ranks(tiny, tmp_path):
+    """The input embedding doubles as the output layer on the last stage (DeepSpeed's tied
+    layer): TP2 x PP2 trains it exactly as one process does."""
+    tied = dict(REFERENCE, no_weight_tying=False)
+    assert run_cli("train.py", tiny("ref", **tied)).returncode == 0
+    proc = run_cli("deepy.py", "train.py", tiny("tied", **dict(tied, model_parallel_size=2, pipe_parallel_size=2,
+                                                            make_vocab_size_divisible_by=256, num_gpus=4,
+                                                            master_port=29941)))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for (loss, norm), (ref_loss, ref_norm) in zip(trajectory(tmp_path / "tied" / "logs"), trajectory(tmp_path / "ref" / "logs")):
+        assert loss == pytest.approx(ref_loss, rel=1e-5) and norm == pytest.approx(ref_norm, rel=1e-5)
