@@ -15,6 +15,7 @@ import os
 import random
 import re
 import shutil
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -110,12 +111,23 @@ def latest_tag(load_dir: str) -> str | None:
     return tag
 
 
+def check_files(path: Path) -> None:
+    """Every .pt file must be a complete zip archive (torch.save's format). Reading only the
+    central directory at each file's end catches truncated copies cheaply, and names the file."""
+    for f in sorted(path.glob("*.pt")):
+        try:
+            zipfile.ZipFile(f).close()
+        except (zipfile.BadZipFile, OSError) as err:
+            raise CheckpointError(f"{f}: not a complete PyTorch checkpoint file (truncated or corrupt: {err})") from None
+
+
 def load_checkpoint(engine: Any, load_dir: str, finetune: bool, load_optim: bool) -> tuple[int, int] | None:
     """Resume from `load_dir`'s latest tag. Returns (iteration, consumed_samples), or None when
     there is nothing to load. `finetune` loads weights only and restarts at iteration 0."""
     tag = latest_tag(load_dir)
     if tag is None:
         return None
+    check_files(Path(load_dir) / tag)
     try:
         path, client = engine.load_checkpoint(
             load_dir, tag=tag, load_module_only=finetune,

@@ -146,3 +146,12 @@ def test_precisions_and_zero_stages_follow_fp32(tiny, tmp_path, name, extra):
     a, b = losses(tmp_path / "ref" / "logs"), losses(tmp_path / name / "logs")
     assert b[-1] < b[0] - 0.5
     assert b == pytest.approx(a, rel=2e-2 if "bf16" in name else 1e-6)
+
+
+def test_truncated_checkpoint_file_is_named(tiny, tmp_path):
+    assert run_cli("train.py", tiny(train_iters=2, eval_interval=100)).returncode == 0
+    layer = tmp_path / "run" / "ckpt" / "global_step2" / "layer_02-model_00-model_states.pt"
+    layer.write_bytes(layer.read_bytes()[:100])
+    proc = run_cli("train.py", tiny(train_iters=3, eval_interval=100, load=str(tmp_path / "run" / "ckpt")))
+    assert proc.returncode == 2
+    assert f"error: {layer}: not a complete PyTorch checkpoint file (truncated or corrupt" in proc.stderr
