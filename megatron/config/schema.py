@@ -150,11 +150,23 @@ class DataConfig:
     valid_data_weights: list | None = doc(None, "Blend weights of valid_data_paths.")
     test_data_weights: list | None = doc(None, "Blend weights of test_data_paths.")
     split: str = doc("969, 30, 1", "Train/valid/test proportions of data_path's documents.")
-    data_impl: str = doc("mmap", "Dataset format; only 'mmap' (GPT-NeoX's default).")
+    data_impl: str = doc(
+        "mmap",
+        "'mmap': data_path / *_data_paths are preprocessed PREFIX.bin/.idx datasets. 'stream': "
+        "train/valid/test_data_paths are raw .jsonl/.jsonl.zst/.jsonl.gz/.txt files or globs, "
+        "tokenized on the fly by num_workers processes per rank (0: in the training process).",
+    )
+    stream_text_key: str = doc("text", "JSON key holding the document text when data_impl is 'stream'.")
+    stream_shuffle_files: bool = doc(
+        True, "data_impl 'stream': read training files in a per-epoch order seeded by seed "
+        "(documents stay in file order); False: as listed.")
+    stream_cache_dir: str | None = doc(
+        None, "data_impl 'stream': where per-file token counts are kept so a resumed run skips "
+        "whole files unread; default: beside the first training file.")
     tokenizer_type: str = doc("HFTokenizer", "'HFTokenizer', 'GPT2BPETokenizer' or 'CharLevelTokenizer'.")
     vocab_file: str | None = doc(None, "Tokenizer JSON (HFTokenizer) or vocab.json (GPT2BPETokenizer).")
     merge_file: str | None = doc(None, "merges.txt for GPT2BPETokenizer.")
-    num_workers: int = doc(0, "DataLoader worker processes per rank.")
+    num_workers: int = doc(0, "data_impl 'stream': tokenizer worker processes per rank.")
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
     ("model", "output_layer_parallelism"): ("column",),
     ("lr", "lr_decay_style"): ("cosine", "linear", "constant"),
     ("data", "tokenizer_type"): ("HFTokenizer", "GPT2BPETokenizer", "CharLevelTokenizer"),
-    ("data", "data_impl"): ("mmap",),
+    ("data", "data_impl"): ("mmap", "stream"),
     ("training", "distributed_backend"): ("nccl", "gloo", None),
 }
 OPTIMIZERS = ("Adam", "AdamW", "SGD")
@@ -64,13 +64,19 @@ def check_files(data: DataConfig) -> None:
         if data.merge_file is None:
             raise ConfigError("tokenizer_type GPT2BPETokenizer needs merge_file")
         _require(data.merge_file, "merge_file")
+    if data.data_impl == "stream":
+        if not data.train_data_paths or data.data_path:
+            raise ConfigError("data_impl 'stream' reads raw files: set train_data_paths (not data_path)")
+        if data.train_data_weights or data.valid_data_weights or data.test_data_weights:
+            raise ConfigError("data_impl 'stream' does not blend: remove the *_data_weights keys")
+        return
     if not data_prefixes(data):
         raise ConfigError("set data_path (or train_data_paths) to a preprocessed dataset prefix")
     if data.data_path and data.train_data_paths:
         raise ConfigError("set either data_path or train_data_paths, not both")
     for prefix in data_prefixes(data):
         for suffix in (".bin", ".idx"):
-            _require(prefix + suffix, "data_path")
+            _require(prefix + suffix, "data_path" if prefix == data.data_path else "*_data_paths")
     for which in ("train", "valid", "test"):
         paths, weights = getattr(data, f"{which}_data_paths"), getattr(data, f"{which}_data_weights")
         if weights is not None and len(weights) != len(paths or []):
@@ -126,9 +132,6 @@ def check_precision(opt: OptimizerConfig, parallel: ParallelConfig, derived: "De
 
 
 def check_launchable(cfg: "NeoXConfig") -> None:
-    """Layouts the planner accepts but training cannot run yet."""
-    d = cfg.data
-    if d.train_data_paths or d.valid_data_paths or d.test_data_paths:
-        raise ConfigError("train/valid/test_data_paths blending is not implemented yet; use data_path")
+    """Settings the planner accepts but a launch on this machine cannot use."""
     if cfg.launcher.num_nodes > 1 and not cfg.launcher.hostfile:
         raise ConfigError(f"num_nodes {cfg.launcher.num_nodes} needs a hostfile listing the nodes")

@@ -7,6 +7,7 @@ import os
 import random
 import socket
 from dataclasses import dataclass
+from typing import Any
 
 import deepspeed
 import numpy as np
@@ -15,7 +16,7 @@ import torch.distributed as dist
 
 from megatron.config import ConfigError, NeoXConfig, load_config
 from megatron.config.validate import check_launchable
-from megatron.data.gpt_dataset import GPTDataset, build_train_valid_test_datasets
+from megatron.data.datasets import build_datasets, build_streaming_datasets
 from megatron.logging import MetricsLogger
 from megatron.parallel.device import default_backend, local_device
 from megatron.parallel.groups import ParallelGroups
@@ -64,8 +65,8 @@ class RunState:
     cfg: NeoXConfig
     stepper: Stepper
     scheduler: AnnealingLR
-    train: GPTDataset
-    valid: GPTDataset | None
+    train: Any  # GPTDataset, BlendedDataset or StreamingDataset
+    valid: Any
     logger: MetricsLogger
     dp_rank: int
     flops_per_token: int
@@ -85,6 +86,29 @@ class RunState:
         return "\n".join(lines)
 
 
+def build_data(cfg: NeoXConfig) -> tuple[Any, Any]:
+    """Train and validation datasets: preprocessed (blended or split) or streamed from raw files."""
+    d, data = cfg.derived, cfg.data
+    if data.data_impl == "stream":
+        train, valid, _ = build_streaming_datasets(
+            data.train_data_paths, data.valid_data_paths, data.test_data_paths,
+            (data.tokenizer_type, data.vocab_file, data.merge_file), cfg.model.seq_length,
+            cfg.training.seed, data.num_workers, data.stream_text_key, data.stream_shuffle_files,
+            data.stream_cache_dir)
+        return train, valid
+    samples = (d.train_iters * d.train_batch_size, cfg.training.eval_iters * d.train_batch_size, 0)
+    try:
+        train, valid, _ = build_datasets(
+            data.data_path, data.train_data_paths, data.valid_data_paths, data.test_data_paths,
+            data.train_data_weights, data.valid_data_weights, data.test_data_weights,
+            data.split, samples, cfg.model.seq_length, cfg.training.seed)
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+    if train is None:
+        raise ConfigError(f"split {data.split!r} leaves no training documents in {data.data_path}")
+    return train, valid
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -98,11 +122,7 @@ def build_run(cfg: NeoXConfig) -> RunState:
         torch.use_deterministic_algorithms(True)
     seed_everything(cfg.training.seed)
     d = cfg.derived
-    samples = (d.train_iters * d.train_batch_size, cfg.training.eval_iters * d.train_batch_size, 0)
-    train, valid, _ = build_train_valid_test_datasets(
-        cfg.data.data_path, cfg.data.split, samples, cfg.model.seq_length, cfg.training.seed)
-    if train is None:
-        raise ConfigError(f"split {cfg.data.split!r} leaves no training documents in {cfg.data.data_path}")
+    train, valid = build_data(cfg)
     par = cfg.parallel
     groups = ParallelGroups(max(par.pipe_parallel_size, 1), par.model_parallel_size, d.data_parallel_size,
                             par.sequence_parallel)

@@ -155,3 +155,42 @@ def test_truncated_checkpoint_file_is_named(tiny, tmp_path):
     proc = run_cli("train.py", tiny(train_iters=3, eval_interval=100, load=str(tmp_path / "run" / "ckpt")))
     assert proc.returncode == 2
     assert f"error: {layer}: not a complete PyTorch checkpoint file (truncated or corrupt" in proc.stderr
+
+
+@pytest.fixture
+def raw_jsonl(tmp_path):
+    """The char dataset's sources as raw jsonl shards, for streaming."""
+    import json
+    import sysconfig
+
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    paths = []
+    for i, pkg in enumerate(("json", "email")):
+        path = tmp_path / f"shard{i}.jsonl"
+        path.write_text("".join(json.dumps({"text": f.read_text()}) + "\n" for f in sorted((stdlib / pkg).glob("*.py"))))
+        paths.append(str(path))
+    return paths
+
+
+def test_streaming_from_raw_files_resumes_identically(tiny, tmp_path, raw_jsonl):
+    stream = dict(data_impl="stream", data_path=None, train_data_paths=raw_jsonl, valid_data_paths=raw_jsonl[:1],
+                  num_workers=1, eval_interval=100, train_iters=6)
+    assert run_cli("train.py", tiny("full", **stream)).returncode == 0
+    proc = run_cli("train.py", tiny("half", **stream, exit_interval=3))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run_cli("train.py", tiny("half", **stream, load=str(tmp_path / "half" / "ckpt")))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    full = losses(tmp_path / "full" / "logs")
+    assert losses(tmp_path / "half" / "logs") == full and full[-1] < full[0] - 0.5
+    assert metrics(tmp_path / "full" / "logs", "eval")  # the validation stream was evaluated
+
+
+def test_blended_prefixes_train(tiny, tmp_path, char_data):
+    blend = dict(data_path=None, train_data_paths=[char_data, char_data], train_data_weights=[0.3, 0.7],
+                 valid_data_paths=[char_data], train_iters=4, eval_interval=100)
+    proc = run_cli("train.py", tiny(**blend))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = losses(tmp_path / "run" / "logs")
+    assert len(got) == 4 and got[-1] < got[0]
+    bad = run_cli("train.py", tiny("bad", **dict(blend, train_data_weights=[1.0])))
+    assert bad.returncode == 2 and "train_data_weights has 1 entries but train_data_paths has 2" in bad.stderr
