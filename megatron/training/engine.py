@@ -7,6 +7,7 @@ Both expose the same `train_batch` / `eval_batch`, so the loop does not branch o
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import Iterator
 
 import deepspeed
@@ -25,7 +26,7 @@ from megatron.training.optimizer import build_optimizer
 Batch = tuple[torch.Tensor, torch.Tensor]  # (tokens, labels), each [micro_batch, seq]
 
 
-class Stepper:
+class Stepper(ABC):
     """One optimizer step (all micro-batches of a global batch) and one eval batch."""
 
     def __init__(self, engine: deepspeed.DeepSpeedEngine, gas: int, groups: ParallelGroups) -> None:
@@ -33,11 +34,13 @@ class Stepper:
         self.gas = gas
         self.groups = groups
 
+    @abstractmethod
     def train_batch(self, data: Iterator[Batch]) -> float:
-        raise NotImplementedError
+        """Mean loss of one global batch, averaged over data-parallel ranks, after the step."""
 
+    @abstractmethod
     def eval_batch(self, data: Iterator[Batch]) -> float:
-        raise NotImplementedError
+        """Mean loss of one global batch without updating anything."""
 
     def grad_norm(self) -> float | None:
         norm = self.engine.get_global_grad_norm()
