@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from megatron.checkpointing.hf import hf_config, to_hf_state_dict
 from megatron.config import load_config
 from megatron.config.schema import ModelConfig
 from megatron.model import GPTModel, count_parameters, layer_defs
@@ -24,24 +25,10 @@ def tiny(**kw) -> ModelConfig:
 
 def hf_twin(m: ModelConfig, ours: GPTModel, vocab: int):
     transformers = pytest.importorskip("transformers")
-    hc = transformers.GPTNeoXConfig(
-        vocab_size=vocab, hidden_size=m.hidden_size, num_hidden_layers=m.num_layers,
-        num_attention_heads=m.num_attention_heads, intermediate_size=4 * m.hidden_size,
-        max_position_embeddings=m.seq_length, rotary_pct=m.rotary_pct, rotary_emb_base=m.rotary_emb_base,
-        use_parallel_residual=m.gpt_j_residual, hidden_act="gelu_fast" if m.bias_gelu_fusion else "gelu",
-        tie_word_embeddings=not m.no_weight_tying, attn_implementation="eager", layer_norm_eps=m.layernorm_epsilon,
-    )
+    hc = hf_config(m, vocab, 4 * m.hidden_size, m.seq_length)
+    hc._attn_implementation = "eager"  # the plain formula, not another fused kernel
     hf = transformers.GPTNeoXForCausalLM(hc).eval()
-    layers = ours.layers
-    sd = {"gpt_neox.embed_in.weight": layers[0].word_embeddings.weight}
-    for i in range(m.num_layers):
-        for k, v in layers[1 + i].state_dict().items():
-            if not k.endswith("inv_freq"):
-                sd[f"gpt_neox.layers.{i}.{k}"] = v
-    norm = layers[1 + m.num_layers].norm
-    sd["gpt_neox.final_layer_norm.weight"], sd["gpt_neox.final_layer_norm.bias"] = norm.weight, norm.bias
-    sd["lm_head.weight"] = layers[0].word_embeddings.weight if not m.no_weight_tying else layers[-1].final_linear.weight
-    result = hf.load_state_dict(sd, strict=False)
+    result = hf.load_state_dict(to_hf_state_dict(ours, m.num_layers, tied=not m.no_weight_tying), strict=False)
     assert not result.unexpected_keys and all("inv_freq" in k or "rotary" in k for k in result.missing_keys)
     return hf
 
