@@ -153,3 +153,17 @@ def test_workers_do_not_change_a_byte(inputs):
         outputs.append([open(f"{out}_text_document{ext}", "rb").read() for ext in (".bin", ".idx")])
     assert outputs[0] == outputs[1]
     assert len(MMapIndexedDataset(str(tmp / "big1_text_document"))) == 400
+
+
+def test_ftfy_repairs_mojibake(tmp_path):
+    broken = "The Mona Lisa doesn\u00c3\u00a2\u00e2\u201a\u00ac\u00e2\u201e\u00a2t have eyebrows."
+    (tmp_path / "m.jsonl").write_text(json.dumps({"text": broken}) + "\n")
+    tool = os.path.join(ROOT, "tools/datasets/preprocess_data.py")
+    for flag, name in (([], "raw"), (["--ftfy"], "fixed")):
+        res = run([tool, "--input", str(tmp_path / "m.jsonl"), "--tokenizer-type", "CharLevelTokenizer",
+                   "--output-prefix", str(tmp_path / name), *flag], cwd=tmp_path)
+        assert res.returncode == 0, res.stderr
+    tok = build_tokenizer("CharLevelTokenizer")
+    assert tok.detokenize(MMapIndexedDataset(str(tmp_path / "fixed_text_document"))[0]) == \
+        "The Mona Lisa doesn't have eyebrows."
+    assert tok.detokenize(MMapIndexedDataset(str(tmp_path / "raw_text_document"))[0]) == broken

@@ -36,6 +36,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     g.add_argument("--jsonl-keys", nargs="+", default=["text"], help="JSON keys to extract (default: text)")
     g.add_argument("--num-docs", type=int, default=None, help="expected documents, only for the progress bar")
+    g.add_argument("--ftfy", action="store_true", help="repair mojibake and odd Unicode with ftfy before tokenizing")
     g = p.add_argument_group("tokenizer")
     g.add_argument("--tokenizer-type", required=True, help=f"one of {', '.join(TOKENIZERS)}")
     g.add_argument("--vocab-file", default=None)
@@ -72,9 +73,14 @@ def encode_key(args: argparse.Namespace, key: str) -> tuple[str, EncodeStats, Re
             last_logged[0] = stats.documents
             bar.set_postfix(docs=stats.documents, tokens=stats.tokens, refresh=False)
 
+    texts = iter_texts(args.paths, key, read_stats)
+    if args.ftfy:
+        from ftfy import fix_text  # in requirements.txt; imported only when asked for
+
+        texts = map(fix_text, texts)
     try:
         stats = encode_to_indexed(
-            iter_texts(args.paths, key, read_stats),
+            texts,
             args.tokenizer,
             prefix,
             append_eod=args.append_eod,
