@@ -1,0 +1,528 @@
+"""Training throughput of our step against Hugging Face's GPTNeoXForCausalLM, on the CPU.
+
+Both sides run the same training step on the same batch, in the same process, with the same
+weights (ours are copied into the transformers model) and the same optimizer construction
+(`megatron.training.optimizer.build_optimizer`: torch AdamW, no decay on biases and norms):
+
+    forward -> loss (`lm_loss`: cross-entropy on fp32-upcast logits) -> backward
+    -> AdamW step -> zero_grad(set_to_none=True)
+
+No gradient clipping on either side (the engine's config gets gradient_clipping 0).
+
+dtype: "bf16" means the weights themselves are bf16 (`model.to(torch.bfloat16)`, no autocast)
+on the transformers side and on `ours`, so AdamW updates bf16 parameters on both. `ours-ds` is
+the real training path, DeepSpeed's engine built by `megatron.training.engine.build_engine` from
+a config: with bf16 enabled DeepSpeed computes in bf16 but keeps fp32 master weights and fp32
+optimizer state, so it does strictly more optimizer work than the other two (it is the correct
+mixed-precision recipe; the other two are the like-for-like comparison).
+
+Implementations (--impls):
+    hf       transformers GPTNeoXForCausalLM (attn_implementation="sdpa", use_cache=False)
+    ours     megatron.model.gpt.GPTModel + build_optimizer, stepped by hand
+    ours-ds  build_engine(cfg) -> stepper.train_batch (pipe_parallel_size from --pipe)
+    ours+C   GPTModel with candidate optimisation C from benchmarks/candidates.py (--candidates)
+
+Steps of all implementations are interleaved (one step of each, round robin) so that drift in
+the machine's load hits them alike; the table reports the median step time.
+
+Model FLOPs per token come from `megatron.training.flops.flops_per_token`; the peak is
+`measure_matmul_peak` (1024^3 matmuls in the same dtype, same threads), measured before the
+timed steps.
+
+    python benchmarks/bench_train_vs_hf.py --dtype both
+    python benchmarks/bench_train_vs_hf.py --dtype bf16 --impls ours --profile 2
+    python benchmarks/bench_train_vs_hf.py --dtype bf16 --impls hf,ours \
+        --candidates fused_adamw,loss_chunked
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+import yaml  # noqa: E402
+from torch import nn  # noqa: E402
+from torch.profiler import record_function  # noqa: E402
+
+from megatron.config import load_config  # noqa: E402
+from megatron.model import gpt  # noqa: E402
+from megatron.training.flops import flops_per_token, measure_matmul_peak  # noqa: E402
+from megatron.training.optimizer import build_optimizer  # noqa: E402
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# The loss both sides use by default, bound now so that a candidate patching the model module
+# cannot change the transformers side.
+BASE_LOSS = gpt.lm_loss
+GOALS = {"bf16": 1.5, "fp32": 1.1}  # ours / transformers tokens/s
+MFU_GOAL = {"bf16": 0.5}  # achieved model FLOP/s / measured matmul peak
+
+
+def write_config(args: argparse.Namespace, dtype: str, directory: str) -> str:
+    """A GPT-NeoX YAML for the benchmark shape (GPT-NeoX-20B's layer recipe, smaller)."""
+    values = {
+        "num_layers": args.layers, "hidden_size": args.hidden, "num_attention_heads": args.heads,
+        "seq_length": args.seq, "max_position_embeddings": args.seq, "vocab_size": args.vocab,
+        "rotary_pct": args.rotary_pct, "gpt_j_residual": True, "no_weight_tying": True,
+        "norm": "layernorm", "pos_emb": "rotary", "activation": "gelu", "bias_gelu_fusion": False,
+        "hidden_dropout": 0.0, "attention_dropout": 0.0,
+        "train_micro_batch_size_per_gpu": args.batch, "gradient_accumulation_steps": 1,
+        "train_iters": 1000,
+        "optimizer": {"type": "Adam", "params": {"lr": 6.0e-4, "betas": [0.9, 0.95], "eps": 1.0e-8}},
+        "weight_decay": 0.01, "gradient_clipping": 0.0, "warmup": 0.0,
+        "pipe_parallel_size": args.pipe, "model_parallel_size": 1,
+        "bf16": {"enabled": dtype == "bf16"},
+        # bf16 needs ZeRO 1 here (megatron.config.validate.check_precision); fp32 takes stage 0.
+        "zero_optimization": {"stage": 1 if dtype == "bf16" else 0},
+        "tokenizer_type": "HFTokenizer", "seed": 1234, "steps_per_print": 10**9,
+    }
+    path = os.path.join(directory, f"bench_{dtype}.yml")
+    with open(path, "w") as f:
+        yaml.safe_dump(values, f)
+    return path
+
+
+def hf_twin(cfg, ours: gpt.GPTModel):
+    """GPTNeoXForCausalLM with the same config and ours' weights (layout: FACTS.md section 5)."""
+    import transformers
+
+    m, d = cfg.model, cfg.derived
+    hc = transformers.GPTNeoXConfig(
+        vocab_size=d.padded_vocab_size, hidden_size=m.hidden_size, num_hidden_layers=m.num_layers,
+        num_attention_heads=m.num_attention_heads, intermediate_size=d.intermediate_size,
+        max_position_embeddings=d.max_position_embeddings,
+        rope_parameters={"rope_type": "default", "rope_theta": float(m.rotary_emb_base),
+                         "partial_rotary_factor": m.rotary_pct},
+        use_parallel_residual=m.gpt_j_residual, hidden_act="gelu", layer_norm_eps=m.layernorm_epsilon,
+        tie_word_embeddings=False, attention_dropout=0.0, hidden_dropout=0.0, use_cache=False,
+        attn_implementation="sdpa",
+    )
+    hf = transformers.GPTNeoXForCausalLM(hc)
+    layers = ours.layers
+    sd = {"gpt_neox.embed_in.weight": layers[0].word_embeddings.weight}
+    for i in range(m.num_layers):
+        for k, v in layers[1 + i].state_dict().items():
+            if not k.endswith("inv_freq"):
+                sd[f"gpt_neox.layers.{i}.{k}"] = v
+    norm = layers[1 + m.num_layers].norm
+    sd["gpt_neox.final_layer_norm.weight"], sd["gpt_neox.final_layer_norm.bias"] = norm.weight, norm.bias
+    sd["lm_head.weight"] = layers[-1].final_linear.weight
+    result = hf.load_state_dict(sd, strict=False)
+    assert not result.unexpected_keys, result.unexpected_keys
+    assert all("inv_freq" in k or "rotary" in k for k in result.missing_keys), result.missing_keys
+    return hf
+
+
+@dataclass
+class Impl:
+    """One side of the comparison: `step()` runs one full training step and returns the loss."""
+
+    name: str
+    step: Callable[[], float]
+    model: nn.Module | None = None
+    times: list[float] | None = None
+    first_loss: float | None = None
+    setup_s: float = 0.0
+
+
+def manual_step(model: nn.Module, opt: torch.optim.Optimizer, loss_fn, tokens, labels) -> Callable[[], float]:
+    def step() -> float:
+        with record_function("forward+loss"):
+            loss = loss_fn(model, tokens, labels)
+        with record_function("backward"):
+            loss.backward()
+        with record_function("optimizer"):
+            opt.step()
+        with record_function("zero_grad"):
+            opt.zero_grad(set_to_none=True)
+        return float(loss.detach())
+    return step
+
+
+def default_loss(model: nn.Module, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return BASE_LOSS(model(tokens), labels)
+
+
+def hf_loss(model: nn.Module, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return BASE_LOSS(model(input_ids=tokens, use_cache=False).logits, labels)
+
+
+def our_model(cfg, dtype: torch.dtype) -> gpt.GPTModel:
+    d = cfg.derived
+    defs = gpt.layer_defs(cfg.model, d.padded_vocab_size, d.intermediate_size, d.max_position_embeddings,
+                          cfg.training.seed)
+    return gpt.GPTModel(defs).to(dtype).train()
+
+
+def impl_names(args) -> list[str]:
+    names = [n.strip() for n in args.impls.split(",") if n.strip()]
+    return names + [f"ours+{c.strip()}" for c in args.candidates.split(",") if c.strip()]
+
+
+def ds_step(cfg, candidate: str, tokens, labels) -> Callable[[], float]:
+    """The real training path: build_engine(cfg) -> stepper.train_batch, as train.py runs it.
+
+    candidate "fused_adamw": the engine is built with torch's fused AdamW (the change that
+    candidates.fused_adamw measures, applied where megatron.training.engine builds it)."""
+    from megatron.parallel.groups import ParallelGroups
+    from megatron.training import engine
+    from megatron.training.setup import init_distributed
+
+    # As megatron.training.setup.build_run does (a world of one process).
+    init_distributed("gloo")
+    d, par = cfg.derived, cfg.parallel
+    groups = ParallelGroups(max(par.pipe_parallel_size, 1), par.model_parallel_size, d.data_parallel_size,
+                            par.sequence_parallel)
+    original = engine.build_optimizer
+    if candidate == "fused_adamw":
+        import candidates
+
+        engine.build_optimizer = lambda *a, **k: candidates._adamw(original(*a, **k), fused=True)
+    elif candidate:
+        raise SystemExit(f"ours-ds supports the candidate fused_adamw only, not {candidate!r}")
+    try:
+        stepper, _ = engine.build_engine(cfg, groups)
+    finally:
+        engine.build_optimizer = original
+    gas = d.gradient_accumulation_steps
+    return lambda: stepper.train_batch(iter([(tokens, labels)] * gas))
+
+
+def build_impls(args, dtype_name: str, cfg, tokens, labels, names: list[str]) -> list[Impl]:
+    """names without the @heap suffix; each Impl is named as given."""
+    dtype = DTYPES[dtype_name]
+    d = cfg.derived
+    impls: list[Impl] = []
+    reference = None  # the fp32 GPTModel weights every side starts from
+    for name in names:
+        t0 = time.perf_counter()
+        if name == "hf":
+            if reference is None:
+                reference = our_model(cfg, torch.float32)
+            model = hf_twin(cfg, reference).to(dtype).train()
+            opt = build_optimizer(model, cfg.optimizer, d.lr)
+            impls.append(Impl(name, manual_step(model, opt, hf_loss, tokens, labels), model))
+        elif name == "ours":
+            model = our_model(cfg, dtype)
+            opt = build_optimizer(model, cfg.optimizer, d.lr)
+            impls.append(Impl(name, manual_step(model, opt, default_loss, tokens, labels), model))
+        elif name == "ours-ds" or name.startswith("ours-ds+"):
+            impls.append(Impl(name, ds_step(cfg, name[len("ours-ds+"):], tokens, labels)))
+        elif name.startswith("ours+"):
+            import candidates
+
+            cand = candidates.CANDIDATES[name[len("ours+"):]]
+            model = our_model(cfg, dtype)
+            model, loss_fn, opt = cand(model, cfg, build_optimizer(model, cfg.optimizer, d.lr), default_loss)
+            impls.append(Impl(name, manual_step(model, opt, loss_fn, tokens, labels), model))
+        else:
+            raise SystemExit(f"unknown implementation {name!r}")
+        impls[-1].setup_s = time.perf_counter() - t0
+    return impls
+
+
+def keep_freed_memory() -> None:
+    """glibc malloc: serve every allocation from the heap and never give freed memory back.
+
+    By default glibc mmaps each allocation above 32 MiB (the logits, their fp32 copies, the
+    vocabulary-sized gradients) and unmaps it on free, so every step page-faults hundreds of MB
+    of fresh zeroed pages. Same effect as MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=<huge> in the
+    environment; applies to the whole process, i.e. to every implementation in this run."""
+    import ctypes
+
+    libc = ctypes.CDLL("libc.so.6")
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+    if not (libc.mallopt(M_MMAP_MAX, 0) and libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1)):
+        raise SystemExit("mallopt failed (not glibc?)")
+
+
+def _cpu_busy_seconds() -> float:
+    """Busy CPU seconds of the whole machine since boot (all CPUs), from /proc/stat."""
+    with open("/proc/stat") as f:
+        fields = [int(v) for v in f.readline().split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+class ForeignLoad:
+    """CPUs used by OTHER processes between construction and `cpus()` (machine busy time minus
+    this process's user+system time), averaged over the interval."""
+
+    def __init__(self) -> None:
+        self.t0, self.busy0, self.own0 = time.perf_counter(), _cpu_busy_seconds(), self._own()
+
+    @staticmethod
+    def _own() -> float:
+        t = os.times()
+        return t.user + t.system
+
+    def cpus(self) -> float:
+        wall = time.perf_counter() - self.t0
+        foreign = (_cpu_busy_seconds() - self.busy0) - (self._own() - self.own0)
+        return max(foreign, 0.0) / max(wall, 1e-9)
+
+
+def wait_for_quiet(timeout_s: float, threshold: float = 0.25) -> None:
+    """Wait (up to timeout_s) until other processes use less than `threshold` CPUs."""
+    deadline = time.perf_counter() + timeout_s
+    while time.perf_counter() < deadline:
+        load = ForeignLoad()
+        time.sleep(0.5)
+        if load.cpus() < threshold:
+            return
+
+
+def measured_step(impl: Impl, quiet_wait: float = 0.0) -> dict:
+    """One step of `impl`, with what else the machine was doing meanwhile."""
+    wait_for_quiet(quiet_wait)
+    load = ForeignLoad()
+    faults0, sys0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, os.times().system
+    t0 = time.perf_counter()
+    loss = impl.step()
+    return dict(time=time.perf_counter() - t0, loss=loss, foreign=load.cpus(),
+                faults=resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0,
+                sys=os.times().system - sys0)
+
+
+def batch_for(args, cfg) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, cfg.derived.vocab_size, (args.batch, args.seq), generator=gen)
+    return tokens, torch.roll(tokens, -1, dims=1)
+
+
+def heap_worker(conn, args, dtype_name: str, config_path: str, names: list[str]) -> None:
+    """Child process for the NAME@heap implementations: same build, keep_freed_memory() first."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    keep_freed_memory()
+    # A world of one of its own: the parent's process group (if any) set these for itself.
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        os.environ.pop(key, None)
+    warnings.filterwarnings("ignore")
+    cfg = load_config([config_path], world_size=1, require_files=False)
+    tokens, labels = batch_for(args, cfg)
+    impls = {i.name: i for i in build_impls(args, dtype_name, cfg, tokens, labels, names)}
+    conn.send({name: i.setup_s for name, i in impls.items()})
+    while (name := conn.recv()) is not None:
+        conn.send(measured_step(impls[name]))
+
+
+class Runner:
+    """Steps one implementation, in this process or in the @heap child."""
+
+    def __init__(self, name: str, impl: Impl | None = None, conn=None) -> None:
+        self.name, self.impl, self.conn = name, impl, conn
+        self.results: list[dict] = []
+        self.first_loss: float | None = None
+
+    def step(self, quiet_wait: float) -> dict:
+        if self.impl is not None:
+            result = measured_step(self.impl, quiet_wait)
+        else:
+            wait_for_quiet(quiet_wait)
+            self.conn.send(self.name[:-len("@heap")])
+            result = self.conn.recv()
+        if self.first_loss is None:
+            self.first_loss = result["loss"]
+        return result
+
+
+def run_dtype(args, dtype_name: str, tmp: str) -> list[dict]:
+    import multiprocessing as mp
+
+    dtype = DTYPES[dtype_name]
+    config_path = write_config(args, dtype_name, tmp)
+    cfg = load_config([config_path], world_size=1, require_files=False)
+    d = cfg.derived
+    tokens, labels = batch_for(args, cfg)
+    names = impl_names(args)
+    local = [n for n in names if not n.endswith("@heap")]
+    remote = [n[:-len("@heap")] for n in names if n.endswith("@heap")]
+    impls = {i.name: i for i in build_impls(args, dtype_name, cfg, tokens, labels, local)}
+    setup = {name: i.setup_s for name, i in impls.items()}
+    child = conn = None
+    if remote:
+        conn, child_conn = mp.get_context("spawn").Pipe()
+        child = mp.get_context("spawn").Process(
+            target=heap_worker, args=(child_conn, args, dtype_name, config_path, remote), daemon=True)
+        child.start()
+        setup.update({f"{n}@heap": t for n, t in conn.recv().items()})
+    runners = [Runner(n, impls.get(n), None if n in impls else conn) for n in names]
+    for r in runners:
+        print(f"  [{dtype_name}] built {r.name} in {setup[r.name]:.1f}s", flush=True)
+
+    # Warm-up (first steps allocate optimizer state; compiled candidates compile here).
+    for it in range(args.warmup):
+        for r in runners:
+            res = r.step(0.0)
+            print(f"  [{dtype_name}] warmup {it} {r.name}: {res['time']:.2f}s loss {res['loss']:.4f}", flush=True)
+    peak = measure_matmul_peak(dtype, "cpu", n=1024, seconds=args.peak_seconds)
+    for it in range(args.iters):
+        for r in runners:
+            res = r.step(args.quiet_wait)
+            r.results.append(res)
+            print(f"  [{dtype_name}] iter {it} {r.name}: {res['time']:.2f}s loss {res['loss']:.4f} "
+                  f"(other processes: {res['foreign']:.2f} CPUs; {res['faults'] / 1e3:.0f}k page faults, "
+                  f"{res['sys']:.2f}s system time)", flush=True)
+    peak_after = measure_matmul_peak(dtype, "cpu", n=1024, seconds=args.peak_seconds)
+
+    fpt = flops_per_token(args.layers, args.hidden, args.seq, d.padded_vocab_size, d.intermediate_size)
+    tokens_per_step = args.batch * args.seq
+    rows = []
+    for r in runners:
+        times = [x["time"] for x in r.results]
+        best = min(times)  # on a shared machine other processes only ever add time
+        at_best = r.results[times.index(best)]
+        tps = tokens_per_step / best
+        rows.append(dict(dtype=dtype_name, impl=r.name, step_s=best, median_s=statistics.median(times),
+                         tps=tps, flops=tps * fpt, peak=max(peak, peak_after), peak_before=peak,
+                         peak_after=peak_after, loss=r.first_loss, foreign=at_best["foreign"],
+                         faults=statistics.median(x["faults"] for x in r.results),
+                         sys_s=statistics.median(x["sys"] for x in r.results)))
+    hf_tps = next((row["tps"] for row in rows if row["impl"] == "hf"), None)
+    for row in rows:
+        row["ratio"] = row["tps"] / hf_tps if hf_tps else None
+    if conn is not None:
+        conn.send(None)
+        child.join(timeout=60)
+    if args.profile:
+        profile_impl(args, dtype_name, list(impls.values()))
+    return rows
+
+
+def profile_impl(args, dtype_name: str, impls: list[Impl]) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    target = next((i for i in impls if i.name == args.profile_impl), None)
+    if target is None:
+        print(f"--profile: no implementation {args.profile_impl!r} in this run")
+        return
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=args.profile_shapes) as prof:
+        for _ in range(args.profile):
+            target.step()
+    n = args.profile
+    print(f"\nprofile of {target.name} [{dtype_name}], {n} step(s), times per step:")
+    events = prof.key_averages(group_by_input_shape=args.profile_shapes)
+    total = sum(e.self_cpu_time_total for e in events) / n
+    phases = [e for e in events if e.key in ("forward+loss", "backward", "optimizer", "zero_grad")]
+    for e in sorted(phases, key=lambda e: -e.cpu_time_total):
+        print(f"  phase {e.key:14s} {e.cpu_time_total / n / 1e3:9.1f} ms")
+    print(f"  {'op':58s} {'self ms':>9s} {'share':>6s} {'calls':>6s}")
+    ops = sorted((e for e in events if e.key.startswith("aten::") or e.key.startswith("Optimizer")),
+                 key=lambda e: -e.self_cpu_time_total)
+    for e in ops[: args.profile_rows]:
+        shape = f" {str(e.input_shapes)[:60]}" if args.profile_shapes else ""
+        print(f"  {e.key[:58]:58s} {e.self_cpu_time_total / n / 1e3:9.1f} {e.self_cpu_time_total / n / total:6.1%}"
+              f" {e.count // n:6d}{shape}")
+    print(f"  {'total self CPU':58s} {total / 1e3:9.1f}")
+
+
+def print_report(args, rows: list[dict]) -> None:
+    print()
+    print(f"shape: hidden {args.hidden}, layers {args.layers}, heads {args.heads}, seq {args.seq}, "
+          f"batch {args.batch}, vocab {args.vocab} (padded {rows[0]['padded']}), ffn {4 * args.hidden}, "
+          f"rotary_pct {args.rotary_pct}, parallel residual, untied embeddings, no dropout")
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, "
+          f"model FLOPs/token {rows[0]['fpt'] / 1e6:.1f} M (flops_per_token), "
+          f"{args.warmup} warmup + {args.iters} timed steps, interleaved; best step reported; malloc {args.malloc}")
+    head = (f"{'dtype':5s} {'impl':38s} {'best s':>6s} {'median':>6s} {'tokens/s':>8s} {'vs hf':>6s} "
+            f"{'GFLOP/s':>7s} {'of peak':>7s} {'other':>5s} {'faults':>6s} {'sys s':>5s} {'loss@1':>7s}")
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        ratio = f"{r['ratio']:.2f}x" if r["ratio"] else "-"
+        print(f"{r['dtype']:5s} {r['impl'][:38]:38s} {r['step_s']:6.2f} {r['median_s']:6.2f} {r['tps']:8.0f} "
+              f"{ratio:>6s} {r['flops'] / 1e9:7.1f} {r['flops'] / r['peak']:7.1%} {r['foreign']:5.2f} "
+              f"{r['faults'] / 1e3:5.0f}k {r['sys_s']:5.2f} {r['loss']:7.4f}")
+    print("(tokens/s, GFLOP/s, 'vs hf' and 'of peak' from the best step; 'other' = CPUs used by other "
+          "processes during that step; faults = minor page faults per step, sys s = kernel CPU seconds per "
+          "step, both medians)")
+    for dtype in dict.fromkeys(r["dtype"] for r in rows):
+        r = next(r for r in rows if r["dtype"] == dtype)
+        print(f"measured {dtype} matmul peak (1024^3, {torch.get_num_threads()} threads): "
+              f"{r['peak_before'] / 1e9:.0f} GFLOP/s before, {r['peak_after'] / 1e9:.0f} after the timed "
+              f"steps; the higher is used")
+    print()
+    for r in rows:
+        if r["impl"] != "hf" and r["ratio"]:
+            print(f"{r['impl']}/transformers {r['dtype']}: {r['ratio']:.2f}x (goal {GOALS[r['dtype']]}x)")
+    for r in rows:
+        if r["dtype"] in MFU_GOAL and r["impl"] != "hf":
+            print(f"{r['impl']} {r['dtype']} model FLOP/s / matmul peak: {r['flops'] / r['peak']:.1%} "
+                  f"(goal {MFU_GOAL[r['dtype']]:.0%})")
+    worst = max(r["foreign"] for r in rows)
+    if worst > 0.25:
+        print(f"WARNING: other processes used up to {worst:.2f} CPUs during the best steps: with "
+              f"{torch.get_num_threads()} threads every parallel region then waits for a descheduled "
+              f"thread, so these numbers are unreliable; rerun on an idle machine (--quiet-wait)")
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--dtype", choices=("fp32", "bf16", "both"), default="both")
+    p.add_argument("--hidden", type=int, default=512)
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--seq", type=int, default=512)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--vocab", type=int, default=50277,
+                   help="tokenizer entries (default: GPT-NeoX-20B's 50277, padded to 50304)")
+    p.add_argument("--rotary-pct", type=float, default=0.25)
+    p.add_argument("--iters", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=2,
+                   help="untimed steps first (optimizer state, compilation; the @heap process needs 2 "
+                   "to stop page-faulting)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--impls", default="hf,ours,ours-ds", help="comma list of hf, ours, ours-ds")
+    p.add_argument("--candidates", default="", help="comma list from benchmarks/candidates.py")
+    p.add_argument("--pipe", type=int, default=1, help="pipe_parallel_size of ours-ds (1: pipeline engine, "
+                   "the default training path; 0: plain engine)")
+    p.add_argument("--peak-seconds", type=float, default=1.0)
+    p.add_argument("--malloc", choices=("glibc", "heap"), default="glibc",
+                   help="heap: keep freed memory in the process (see keep_freed_memory); both sides")
+    p.add_argument("--quiet-wait", type=float, default=0.0, metavar="S",
+                   help="before each timed step wait up to S seconds for other processes to go quiet")
+    p.add_argument("--profile", type=int, default=0, metavar="N", help="profile N steps of --profile-impl")
+    p.add_argument("--profile-impl", default="ours")
+    p.add_argument("--profile-rows", type=int, default=25)
+    p.add_argument("--profile-shapes", action="store_true", help="group profiled ops by input shape")
+    args = p.parse_args(argv)
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.malloc == "heap":
+        keep_freed_memory()
+    warnings.filterwarnings("ignore")
+    os.environ.setdefault("NEOX_DEVICE", "cpu")
+    print(f"torch threads: {torch.get_num_threads()} (interop {torch.get_num_interop_threads()}), "
+          f"cpus {os.cpu_count()}, load average {os.getloadavg()[0]:.2f}, malloc {args.malloc}, "
+          f"THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE', '')!r}", flush=True)
+    dtypes = ("bf16", "fp32") if args.dtype == "both" else (args.dtype,)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in dtypes:
+            new = run_dtype(args, name, tmp)
+            cfg = load_config([write_config(args, name, tmp)], world_size=1, require_files=False)
+            for r in new:
+                r["padded"] = cfg.derived.padded_vocab_size
+                r["fpt"] = flops_per_token(args.layers, args.hidden, args.seq, cfg.derived.padded_vocab_size,
+                                           cfg.derived.intermediate_size)
+            rows += new
+    print_report(args, rows)
+
+
+if __name__ == "__main__":
+    main()
