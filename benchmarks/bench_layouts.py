@@ -32,7 +32,6 @@ import signal
 import socket
 import subprocess
 import sys
-import sysconfig
 import tempfile
 import time
 from pathlib import Path
@@ -43,8 +42,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from megatron.data.indexed_dataset import MMapIndexedDatasetBuilder  # noqa: E402
-from megatron.tokenizer import build_tokenizer  # noqa: E402
+from megatron.data.corpora import write_char_dataset  # noqa: E402
 
 CORES = os.cpu_count() or 1
 MODEL = {
@@ -86,14 +84,7 @@ def wait_for_quiet(limit: float, max_wait: float) -> None:
 
 def build_dataset(tmp: Path) -> str:
     """Char-level tokens of the stdlib's json and email packages (about 0.3M tokens)."""
-    tok = build_tokenizer("CharLevelTokenizer")
-    prefix = str(tmp / "chars_text_document")
-    builder = MMapIndexedDatasetBuilder(prefix, np.uint16)
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    for path in sorted((stdlib / "json").glob("*.py")) + sorted((stdlib / "email").glob("*.py")):
-        builder.add_document(tok.tokenize(path.read_text()) + [tok.eod])
-    builder.finalize()
-    return prefix
+    return write_char_dataset(str(tmp / "chars_text_document"))
 
 
 def free_port() -> int:

@@ -14,17 +14,9 @@ from helpers import tiny_config
 @pytest.fixture(scope="session")
 def char_data(tmp_path_factory) -> str:
     """A dataset prefix: the stdlib's json and email packages as UTF-8 bytes, one document a file."""
-    from megatron.data.indexed_dataset import MMapIndexedDatasetBuilder
-    from megatron.tokenizer import build_tokenizer
+    from megatron.data.corpora import write_char_dataset
 
-    tok = build_tokenizer("CharLevelTokenizer")
-    prefix = str(tmp_path_factory.mktemp("data") / "chars_text_document")
-    builder = MMapIndexedDatasetBuilder(prefix, np.uint16)
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    for path in sorted((stdlib / "json").glob("*.py")) + sorted((stdlib / "email").glob("*.py")):
-        builder.add_document(tok.tokenize(path.read_text()) + [tok.eod])
-    builder.finalize()
-    return prefix
+    return write_char_dataset(str(tmp_path_factory.mktemp("data") / "chars_text_document"))
 
 
 @pytest.fixture

@@ -174,3 +174,24 @@ CORPORA: dict[str, Callable[[CorpusOptions], PreparedCorpus]] = {
 }
 
 __all__ = ["CORPORA", "CorpusOptions", "CorpusUnavailable", "PreparedCorpus", "prepare_corpus"]
+
+
+def write_char_dataset(prefix: str, packages: tuple[str, ...] = ("json", "email")) -> str:
+    """A small char-level dataset (about 0.3M tokens) of stdlib packages' sources, one document a
+    file, for smoke tests and benchmarks that need real text but no tokenizer file."""
+    import sysconfig
+    from pathlib import Path
+
+    import numpy as np
+
+    from megatron.data.indexed_dataset import MMapIndexedDatasetBuilder
+    from megatron.tokenizer import build_tokenizer
+
+    tok = build_tokenizer("CharLevelTokenizer")
+    builder = MMapIndexedDatasetBuilder(prefix, np.uint16)
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    for package in packages:
+        for path in sorted((stdlib / package).glob("*.py")):
+            builder.add_document(tok.tokenize(path.read_text()) + [tok.eod])
+    builder.finalize()
+    return prefix
