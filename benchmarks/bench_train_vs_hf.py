@@ -334,7 +334,10 @@ class Runner:
         else:
             wait_for_quiet(quiet_wait)
             self.conn.send(self.name[:-len("@heap")])
-            result = self.conn.recv()
+            try:
+                result = self.conn.recv()
+            except EOFError:
+                raise SystemExit("the @heap process died (out of memory? run fewer implementations)") from None
         if self.first_loss is None:
             self.first_loss = result["loss"]
         return result
