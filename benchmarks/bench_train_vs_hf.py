@@ -16,23 +16,32 @@ a config: with bf16 enabled DeepSpeed computes in bf16 but keeps fp32 master wei
 optimizer state, so it does strictly more optimizer work than the other two (it is the correct
 mixed-precision recipe; the other two are the like-for-like comparison).
 
-Implementations (--impls):
-    hf       transformers GPTNeoXForCausalLM (attn_implementation="sdpa", use_cache=False)
-    ours     megatron.model.gpt.GPTModel + build_optimizer, stepped by hand
-    ours-ds  build_engine(cfg) -> stepper.train_batch (pipe_parallel_size from --pipe)
-    ours+C   GPTModel with candidate optimisation C from benchmarks/candidates.py (--candidates)
+Implementations (--impls, comma list; --candidates C adds ours+C):
+    hf        transformers GPTNeoXForCausalLM (attn_implementation="sdpa", use_cache=False)
+    ours      megatron.model.gpt.GPTModel + build_optimizer, stepped by hand
+    ours-ds   build_engine(cfg) -> stepper.train_batch, the path train.py runs (--pipe 1: the
+              pipeline engine, the default; 0: the plain engine). bf16 uses ZeRO 1 (required
+              by megatron.config.validate), fp32 ZeRO 0. ours-ds+fused_adamw: same, built with
+              torch's fused AdamW.
+    ours+C    GPTModel with candidate speed-up C from benchmarks/candidates.py
+    NAME@heap any of the above in a second process whose glibc malloc keeps freed memory
+              (keep_freed_memory); the rest run in this process with the default allocator
+              unless --malloc heap. So `hf,ours@heap` compares transformers as users run it
+              with ours under the allocator setting that train.py could make.
 
 Steps of all implementations are interleaved (one step of each, round robin) so that drift in
-the machine's load hits them alike; the table reports the median step time.
+the machine's load hits them alike. The table reports the BEST step of each (other processes
+only ever add time) and the median; `other` is how many CPUs other processes used during that
+best step, `faults`/`sys s` the minor page faults and kernel CPU time per step.
 
 Model FLOPs per token come from `megatron.training.flops.flops_per_token`; the peak is
-`measure_matmul_peak` (1024^3 matmuls in the same dtype, same threads), measured before the
-timed steps.
+`measure_matmul_peak` (1024^3 matmuls in the same dtype and threads), measured before and after
+the timed steps, the higher used.
 
-    python benchmarks/bench_train_vs_hf.py --dtype both
+    python benchmarks/bench_train_vs_hf.py                       # bf16 and fp32: hf, ours, ours-ds
+    python benchmarks/bench_train_vs_hf.py --dtype bf16 --impls hf,ours,hf@heap,ours@heap \
+        --candidates fused_adamw+loss_compile@heap
     python benchmarks/bench_train_vs_hf.py --dtype bf16 --impls ours --profile 2
-    python benchmarks/bench_train_vs_hf.py --dtype bf16 --impls hf,ours \
-        --candidates fused_adamw,loss_chunked
 """
 
 from __future__ import annotations
@@ -132,9 +141,6 @@ class Impl:
 
     name: str
     step: Callable[[], float]
-    model: nn.Module | None = None
-    times: list[float] | None = None
-    first_loss: float | None = None
     setup_s: float = 0.0
 
 
@@ -214,11 +220,11 @@ def build_impls(args, dtype_name: str, cfg, tokens, labels, names: list[str]) ->
                 reference = our_model(cfg, torch.float32)
             model = hf_twin(cfg, reference).to(dtype).train()
             opt = build_optimizer(model, cfg.optimizer, d.lr)
-            impls.append(Impl(name, manual_step(model, opt, hf_loss, tokens, labels), model))
+            impls.append(Impl(name, manual_step(model, opt, hf_loss, tokens, labels)))
         elif name == "ours":
             model = our_model(cfg, dtype)
             opt = build_optimizer(model, cfg.optimizer, d.lr)
-            impls.append(Impl(name, manual_step(model, opt, default_loss, tokens, labels), model))
+            impls.append(Impl(name, manual_step(model, opt, default_loss, tokens, labels)))
         elif name == "ours-ds" or name.startswith("ours-ds+"):
             impls.append(Impl(name, ds_step(cfg, name[len("ours-ds+"):], tokens, labels)))
         elif name.startswith("ours+"):
@@ -227,7 +233,7 @@ def build_impls(args, dtype_name: str, cfg, tokens, labels, names: list[str]) ->
             cand = candidates.CANDIDATES[name[len("ours+"):]]
             model = our_model(cfg, dtype)
             model, loss_fn, opt = cand(model, cfg, build_optimizer(model, cfg.optimizer, d.lr), default_loss)
-            impls.append(Impl(name, manual_step(model, opt, loss_fn, tokens, labels), model))
+            impls.append(Impl(name, manual_step(model, opt, loss_fn, tokens, labels)))
         else:
             raise SystemExit(f"unknown implementation {name!r}")
         impls[-1].setup_s = time.perf_counter() - t0

@@ -1,10 +1,10 @@
-"""Candidate speed-ups of our training step, applied to one GPTModel instance (never globally).
+"""Candidate speed-ups of our training step, applied to one GPTModel instance.
 
-Each candidate takes (model, cfg, optimizer, loss_fn) and returns the same triple, changed. It
-patches only the instance it is given (bound methods, compiled submodules, its own optimizer),
-so `bench_train_vs_hf.py --candidates a,b` times `ours`, `ours+a` and `ours+b` side by side in
-one process. Nothing in megatron/ is modified: every candidate is a local copy of the code it
-replaces, with the change it measures; README.md says what each would change in the model.
+Each candidate takes (model, cfg, optimizer, loss_fn) and returns the same triple, changed: its
+own optimizer, its own loss function, compiled submodules, or (rotary) a rotary function that
+is active only while that instance's forward runs. So `bench_train_vs_hf.py --candidates a,b`
+times `ours`, `ours+a` and `ours+b` side by side in one process. Nothing in megatron/ is
+modified; README.md gives the measured effect of each and the change it would make there.
 """
 
 from __future__ import annotations
@@ -215,7 +215,8 @@ def sdpa_math(model, cfg, opt, loss_fn):
 # --- compilation -----------------------------------------------------------------------------
 
 def compile_layers(model, cfg, opt, loss_fn):
-    """torch.compile each layer of the list in place (nn.Module.compile; same parameters)."""
+    """torch.compile each layer of the list in place (nn.Module.compile; same parameters).
+    Fails in torch 2.13 with the parallel residual: see compile_blocks."""
     for layer in model.layers:
         layer.compile(dynamic=False)
     return model, loss_fn, opt
@@ -237,7 +238,8 @@ def compile_blocks(model, cfg, opt, loss_fn):
 
 
 def compile_model(model, cfg, opt, loss_fn):
-    """torch.compile of the whole forward and the loss (one graph, logits -> loss fused)."""
+    """torch.compile of the whole forward and the loss (one graph, logits -> loss fused).
+    Fails in torch 2.13 with the parallel residual: see compile_blocks."""
     from megatron.model.gpt import lm_loss
 
     def forward_loss(tokens, labels):
