@@ -25,6 +25,7 @@ from megatron.config.schema import (
     ParallelConfig,
     TrainingConfig,
 )
+from megatron.tokenizer.tokenizer import pad_vocab_size
 from megatron.config.validate import check_choices, check_files, check_model, check_precision
 
 
@@ -146,10 +147,7 @@ def derive(groups: dict[str, Any], world_size: int, vocab_size: int | None) -> D
         raise ConfigError(f"train_iters must be >= 1, got {train_iters}")
     decay = lr.lr_decay_iters or train_iters
     vocab = model.vocab_size if model.vocab_size is not None else vocab_size
-    padded = None
-    if vocab is not None:
-        multiple = model.make_vocab_size_divisible_by * tp
-        padded = -(-vocab // multiple) * multiple
+    padded = None if vocab is None else pad_vocab_size(vocab, model.make_vocab_size_divisible_by, tp)
     opt: OptimizerConfig = groups["optimizer"]
     return Derived(
         world_size=world_size,
