@@ -32,7 +32,8 @@ import torch.nn.functional as F  # noqa: E402
 
 import candidates  # noqa: E402
 from megatron.config.schema import ModelConfig  # noqa: E402
-from megatron.model.gpt import GPTModel, layer_defs, lm_loss  # noqa: E402
+from megatron.model.gpt import GPTModel, layer_defs  # noqa: E402
+from megatron.model.loss import CompiledLoss, lm_loss  # noqa: E402
 from megatron.model.rotary import RotaryEmbedding, apply_rotary  # noqa: E402
 from megatron.model.transformer import TransformerLayer  # noqa: E402
 from megatron.model.init import layer_generator  # noqa: E402
@@ -75,7 +76,7 @@ def loss_variants(args, dtype):
     out = {"lm_loss (fp32 upcast)": run(lm_loss),
            "loss_chunked (128 rows)": run(lambda x, y: candidates.chunked_lm_loss(x, y, 128)),
            "loss_chunked (512 rows)": run(lambda x, y: candidates.chunked_lm_loss(x, y, 512)),
-           "loss_compile": run(candidates.compiled_lm_loss),
+           "CompiledLoss (compile_loss: true)": run(CompiledLoss()),
            "loss_split (128 rows)": run(lambda x, y: candidates.split_lm_loss(x, y, 128)),
            "loss_split (512 rows)": run(lambda x, y: candidates.split_lm_loss(x, y, 512))}
     if dtype != torch.float32:
@@ -93,8 +94,8 @@ def optimizer_variants(args, dtype):
     def make(**kw):
         opt = torch.optim.AdamW([dict(g) for g in groups], lr=6e-4, betas=(0.9, 0.95), eps=1e-8, **kw)
         return opt.step
-    return {"AdamW for-loop (default on CPU)": make(), "AdamW foreach": make(foreach=True),
-            "AdamW fused": make(fused=True)}
+    return {"AdamW for-loop (torch's CPU default)": make(), "AdamW foreach": make(foreach=True),
+            "AdamW fused (build_optimizer)": make(fused=True)}
 
 
 def rotary_variants(args, dtype):

@@ -1,33 +1,39 @@
 """Training throughput of our step against Hugging Face's GPTNeoXForCausalLM, on the CPU.
 
-Both sides run the same training step on the same batch, in the same process, with the same
-weights (ours are copied into the transformers model) and the same optimizer construction
-(`megatron.training.optimizer.build_optimizer`: torch AdamW, no decay on biases and norms):
+Both sides run the same training step on the same batch with the same weights (ours are copied
+into the transformers model) and the same optimizer groups and hyper-parameters
+(`megatron.training.optimizer.param_groups`: AdamW, no decay on biases and norms):
 
-    forward -> loss (`lm_loss`: cross-entropy on fp32-upcast logits) -> backward
+    forward -> loss (cross-entropy on fp32-upcast logits) -> backward
     -> AdamW step -> zero_grad(set_to_none=True)
 
 No gradient clipping on either side (the engine's config gets gradient_clipping 0).
 
+What differs is what our framework does and a transformers training script does not:
+`build_optimizer` uses torch's fused AdamW, `compile_loss: true` compiles the loss
+(`megatron.model.loss`), and train.py's CPU workers make glibc keep freed memory
+(`megatron.parallel.device.keep_freed_host_memory`), a process-wide setting. That last one
+cannot be applied to one side of a process, so implementations ending in @heap run in a second
+process that has it; the others run in this process without it. `hf` is transformers as a user
+runs it; `hf@heap` is transformers given our allocator setting too.
+
 dtype: "bf16" means the weights themselves are bf16 (`model.to(torch.bfloat16)`, no autocast)
-on the transformers side and on `ours`, so AdamW updates bf16 parameters on both. `ours-ds` is
-the real training path, DeepSpeed's engine built by `megatron.training.engine.build_engine` from
-a config: with bf16 enabled DeepSpeed computes in bf16 but keeps fp32 master weights and fp32
-optimizer state, so it does strictly more optimizer work than the other two (it is the correct
-mixed-precision recipe; the other two are the like-for-like comparison).
+for `hf` and `ours`, so AdamW updates bf16 parameters on both. `ours-ds` is the real training
+path, DeepSpeed's engine built by `megatron.training.engine.build_engine` from a config: with
+bf16 DeepSpeed keeps fp32 master weights and fp32 optimizer state, so it does strictly more
+optimizer work (the correct mixed-precision recipe; `hf` / `ours` are like for like).
 
 Implementations (--impls, comma list; --candidates C adds ours+C):
-    hf        transformers GPTNeoXForCausalLM (attn_implementation="sdpa", use_cache=False)
-    ours      megatron.model.gpt.GPTModel + build_optimizer, stepped by hand
+    hf        transformers GPTNeoXForCausalLM (attn_implementation="sdpa", use_cache=False),
+              torch's default AdamW, eager loss
+    ours      megatron.model.gpt.GPTModel + build_optimizer + loss_function(compile_loss),
+              stepped by hand
     ours-ds   build_engine(cfg) -> stepper.train_batch, the path train.py runs (--pipe 1: the
               pipeline engine, the default; 0: the plain engine). bf16 uses ZeRO 1 (required
-              by megatron.config.validate), fp32 ZeRO 0. ours-ds+fused_adamw: same, built with
-              torch's fused AdamW.
-    ours+C    GPTModel with candidate speed-up C from benchmarks/candidates.py
-    NAME@heap any of the above in a second process whose glibc malloc keeps freed memory
-              (keep_freed_memory); the rest run in this process with the default allocator
-              unless --malloc heap. So `hf,ours@heap` compares transformers as users run it
-              with ours under the allocator setting that train.py could make.
+              by megatron.config.validate), fp32 ZeRO 0.
+    ours+C    GPTModel with candidate C from benchmarks/candidates.py (things tried and not
+              adopted, for the record)
+    NAME@heap any of the above in the second process (keep_freed_host_memory)
 
 Steps of all implementations are interleaved (one step of each, round robin) so that drift in
 the machine's load hits them alike. The table reports the BEST step of each (other processes
@@ -38,9 +44,8 @@ Model FLOPs per token come from `megatron.training.flops.flops_per_token`; the p
 `measure_matmul_peak` (1024^3 matmuls in the same dtype and threads), measured before and after
 the timed steps, the higher used.
 
-    python benchmarks/bench_train_vs_hf.py                       # bf16 and fp32: hf, ours, ours-ds
-    python benchmarks/bench_train_vs_hf.py --dtype bf16 --impls hf,ours,hf@heap,ours@heap \
-        --candidates fused_adamw+loss_compile@heap
+    python benchmarks/bench_train_vs_hf.py                       # bf16 and fp32, default impls
+    python benchmarks/bench_train_vs_hf.py --dtype bf16 --impls hf,ours@heap --iters 6 --quiet-wait 30
     python benchmarks/bench_train_vs_hf.py --dtype bf16 --impls ours --profile 2
 """
 
@@ -48,13 +53,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import statistics
 import sys
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -65,17 +68,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 import yaml  # noqa: E402
 from torch import nn  # noqa: E402
-from torch.profiler import record_function  # noqa: E402
 
 from megatron.config import load_config  # noqa: E402
 from megatron.model import gpt  # noqa: E402
+from megatron.model.loss import lm_loss, loss_function  # noqa: E402
+from megatron.parallel.device import keep_freed_host_memory  # noqa: E402
 from megatron.training.flops import flops_per_token, measure_matmul_peak  # noqa: E402
-from megatron.training.optimizer import build_optimizer  # noqa: E402
+from megatron.training.optimizer import build_optimizer, param_groups  # noqa: E402
+from step_timing import Impl, manual_step, measured_step, profile_impl, wait_for_quiet  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-# The loss both sides use by default, bound now so that a candidate patching the model module
-# cannot change the transformers side.
-BASE_LOSS = gpt.lm_loss
 GOALS = {"bf16": 1.5, "fp32": 1.1}  # ours / transformers tokens/s
 MFU_GOAL = {"bf16": 0.5}  # achieved model FLOP/s / measured matmul peak
 
@@ -97,6 +99,7 @@ def write_config(args: argparse.Namespace, dtype: str, directory: str) -> str:
         # bf16 needs ZeRO 1 here (megatron.config.validate.check_precision); fp32 takes stage 0.
         "zero_optimization": {"stage": 1 if dtype == "bf16" else 0},
         "tokenizer_type": "HFTokenizer", "seed": 1234, "steps_per_print": 10**9,
+        "compile_loss": args.compile_loss,
     }
     path = os.path.join(directory, f"bench_{dtype}.yml")
     with open(path, "w") as f:
@@ -135,35 +138,21 @@ def hf_twin(cfg, ours: gpt.GPTModel):
     return hf
 
 
-@dataclass
-class Impl:
-    """One side of the comparison: `step()` runs one full training step and returns the loss."""
-
-    name: str
-    step: Callable[[], float]
-    setup_s: float = 0.0
-
-
-def manual_step(model: nn.Module, opt: torch.optim.Optimizer, loss_fn, tokens, labels) -> Callable[[], float]:
-    def step() -> float:
-        with record_function("forward+loss"):
-            loss = loss_fn(model, tokens, labels)
-        with record_function("backward"):
-            loss.backward()
-        with record_function("optimizer"):
-            opt.step()
-        with record_function("zero_grad"):
-            opt.zero_grad(set_to_none=True)
-        return float(loss.detach())
-    return step
-
-
-def default_loss(model: nn.Module, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return BASE_LOSS(model(tokens), labels)
+def model_loss(loss_fn: Callable) -> Callable:
+    """(model, tokens, labels) -> loss, for manual_step."""
+    return lambda model, tokens, labels: loss_fn(model(tokens), labels)
 
 
 def hf_loss(model: nn.Module, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return BASE_LOSS(model(input_ids=tokens, use_cache=False).logits, labels)
+    return lm_loss(model(input_ids=tokens, use_cache=False).logits, labels)
+
+
+def torch_adamw(model: nn.Module, cfg) -> torch.optim.Optimizer:
+    """What a transformers training script builds: torch's AdamW with its default kernel (a
+    for-loop over parameters on the CPU), our groups and hyper-parameters."""
+    params = cfg.optimizer.optimizer.params
+    return torch.optim.AdamW(param_groups(model, cfg.optimizer.weight_decay), lr=cfg.derived.lr,
+                             betas=tuple(params["betas"]), eps=params["eps"])
 
 
 def our_model(cfg, dtype: torch.dtype) -> gpt.GPTModel:
@@ -178,13 +167,10 @@ def impl_names(args) -> list[str]:
     return names + [f"ours+{c.strip()}" for c in args.candidates.split(",") if c.strip()]
 
 
-def ds_step(cfg, candidate: str, tokens, labels) -> Callable[[], float]:
-    """The real training path: build_engine(cfg) -> stepper.train_batch, as train.py runs it.
-
-    candidate "fused_adamw": the engine is built with torch's fused AdamW (the change that
-    candidates.fused_adamw measures, applied where megatron.training.engine builds it)."""
+def ds_step(cfg, tokens, labels) -> Callable[[], float]:
+    """The real training path: build_engine(cfg) -> stepper.train_batch, as train.py runs it."""
     from megatron.parallel.groups import ParallelGroups
-    from megatron.training import engine
+    from megatron.training.engine import build_engine
     from megatron.training.setup import init_distributed
 
     # As megatron.training.setup.build_run does (a world of one process).
@@ -192,17 +178,7 @@ def ds_step(cfg, candidate: str, tokens, labels) -> Callable[[], float]:
     d, par = cfg.derived, cfg.parallel
     groups = ParallelGroups(max(par.pipe_parallel_size, 1), par.model_parallel_size, d.data_parallel_size,
                             par.sequence_parallel)
-    original = engine.build_optimizer
-    if candidate == "fused_adamw":
-        import candidates
-
-        engine.build_optimizer = lambda *a, **k: candidates._adamw(original(*a, **k), fused=True)
-    elif candidate:
-        raise SystemExit(f"ours-ds supports the candidate fused_adamw only, not {candidate!r}")
-    try:
-        stepper, _ = engine.build_engine(cfg, groups)
-    finally:
-        engine.build_optimizer = original
+    stepper, _ = build_engine(cfg, groups)
     gas = d.gradient_accumulation_steps
     return lambda: stepper.train_batch(iter([(tokens, labels)] * gas))
 
@@ -212,6 +188,7 @@ def build_impls(args, dtype_name: str, cfg, tokens, labels, names: list[str]) ->
     dtype = DTYPES[dtype_name]
     d = cfg.derived
     impls: list[Impl] = []
+    ours_loss = model_loss(loss_function(compile=cfg.training.compile_loss))
     reference = None  # the fp32 GPTModel weights every side starts from
     for name in names:
         t0 = time.perf_counter()
@@ -219,88 +196,24 @@ def build_impls(args, dtype_name: str, cfg, tokens, labels, names: list[str]) ->
             if reference is None:
                 reference = our_model(cfg, torch.float32)
             model = hf_twin(cfg, reference).to(dtype).train()
-            opt = build_optimizer(model, cfg.optimizer, d.lr)
-            impls.append(Impl(name, manual_step(model, opt, hf_loss, tokens, labels)))
+            impls.append(Impl(name, manual_step(model, torch_adamw(model, cfg), hf_loss, tokens, labels)))
         elif name == "ours":
             model = our_model(cfg, dtype)
             opt = build_optimizer(model, cfg.optimizer, d.lr)
-            impls.append(Impl(name, manual_step(model, opt, default_loss, tokens, labels)))
-        elif name == "ours-ds" or name.startswith("ours-ds+"):
-            impls.append(Impl(name, ds_step(cfg, name[len("ours-ds+"):], tokens, labels)))
+            impls.append(Impl(name, manual_step(model, opt, ours_loss, tokens, labels)))
+        elif name == "ours-ds":
+            impls.append(Impl(name, ds_step(cfg, tokens, labels)))
         elif name.startswith("ours+"):
             import candidates
 
             cand = candidates.CANDIDATES[name[len("ours+"):]]
             model = our_model(cfg, dtype)
-            model, loss_fn, opt = cand(model, cfg, build_optimizer(model, cfg.optimizer, d.lr), default_loss)
+            model, loss_fn, opt = cand(model, cfg, build_optimizer(model, cfg.optimizer, d.lr), ours_loss)
             impls.append(Impl(name, manual_step(model, opt, loss_fn, tokens, labels)))
         else:
             raise SystemExit(f"unknown implementation {name!r}")
         impls[-1].setup_s = time.perf_counter() - t0
     return impls
-
-
-def keep_freed_memory() -> None:
-    """glibc malloc: serve every allocation from the heap and never give freed memory back.
-
-    By default glibc mmaps each allocation above 32 MiB (the logits, their fp32 copies, the
-    vocabulary-sized gradients) and unmaps it on free, so every step page-faults hundreds of MB
-    of fresh zeroed pages. Same effect as MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=<huge> in the
-    environment; applies to the whole process, i.e. to every implementation in this run."""
-    import ctypes
-
-    libc = ctypes.CDLL("libc.so.6")
-    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
-    if not (libc.mallopt(M_MMAP_MAX, 0) and libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1)):
-        raise SystemExit("mallopt failed (not glibc?)")
-
-
-def _cpu_busy_seconds() -> float:
-    """Busy CPU seconds of the whole machine since boot (all CPUs), from /proc/stat."""
-    with open("/proc/stat") as f:
-        fields = [int(v) for v in f.readline().split()[1:]]
-    idle = fields[3] + fields[4]  # idle + iowait
-    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
-
-
-class ForeignLoad:
-    """CPUs used by OTHER processes between construction and `cpus()` (machine busy time minus
-    this process's user+system time), averaged over the interval."""
-
-    def __init__(self) -> None:
-        self.t0, self.busy0, self.own0 = time.perf_counter(), _cpu_busy_seconds(), self._own()
-
-    @staticmethod
-    def _own() -> float:
-        t = os.times()
-        return t.user + t.system
-
-    def cpus(self) -> float:
-        wall = time.perf_counter() - self.t0
-        foreign = (_cpu_busy_seconds() - self.busy0) - (self._own() - self.own0)
-        return max(foreign, 0.0) / max(wall, 1e-9)
-
-
-def wait_for_quiet(timeout_s: float, threshold: float = 0.25) -> None:
-    """Wait (up to timeout_s) until other processes use less than `threshold` CPUs."""
-    deadline = time.perf_counter() + timeout_s
-    while time.perf_counter() < deadline:
-        load = ForeignLoad()
-        time.sleep(0.5)
-        if load.cpus() < threshold:
-            return
-
-
-def measured_step(impl: Impl, quiet_wait: float = 0.0) -> dict:
-    """One step of `impl`, with what else the machine was doing meanwhile."""
-    wait_for_quiet(quiet_wait)
-    load = ForeignLoad()
-    faults0, sys0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, os.times().system
-    t0 = time.perf_counter()
-    loss = impl.step()
-    return dict(time=time.perf_counter() - t0, loss=loss, foreign=load.cpus(),
-                faults=resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0,
-                sys=os.times().system - sys0)
 
 
 def batch_for(args, cfg) -> tuple[torch.Tensor, torch.Tensor]:
@@ -310,10 +223,11 @@ def batch_for(args, cfg) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def heap_worker(conn, args, dtype_name: str, config_path: str, names: list[str]) -> None:
-    """Child process for the NAME@heap implementations: same build, keep_freed_memory() first."""
+    """Child process for the NAME@heap implementations: same build, keep_freed_host_memory() first."""
     if args.threads:
         torch.set_num_threads(args.threads)
-    keep_freed_memory()
+    if not keep_freed_host_memory():
+        raise SystemExit("@heap: keep_freed_host_memory did not apply (not glibc, or MALLOC_* set)")
     # A world of one of its own: the parent's process group (if any) set these for itself.
     for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         os.environ.pop(key, None)
@@ -412,33 +326,6 @@ def run_dtype(args, dtype_name: str, tmp: str) -> list[dict]:
     return rows
 
 
-def profile_impl(args, dtype_name: str, impls: list[Impl]) -> None:
-    from torch.profiler import ProfilerActivity, profile
-
-    target = next((i for i in impls if i.name == args.profile_impl), None)
-    if target is None:
-        print(f"--profile: no implementation {args.profile_impl!r} in this run")
-        return
-    with profile(activities=[ProfilerActivity.CPU], record_shapes=args.profile_shapes) as prof:
-        for _ in range(args.profile):
-            target.step()
-    n = args.profile
-    print(f"\nprofile of {target.name} [{dtype_name}], {n} step(s), times per step:")
-    events = prof.key_averages(group_by_input_shape=args.profile_shapes)
-    total = sum(e.self_cpu_time_total for e in events) / n
-    phases = [e for e in events if e.key in ("forward+loss", "backward", "optimizer", "zero_grad")]
-    for e in sorted(phases, key=lambda e: -e.cpu_time_total):
-        print(f"  phase {e.key:14s} {e.cpu_time_total / n / 1e3:9.1f} ms")
-    print(f"  {'op':58s} {'self ms':>9s} {'share':>6s} {'calls':>6s}")
-    ops = sorted((e for e in events if e.key.startswith("aten::") or e.key.startswith("Optimizer")),
-                 key=lambda e: -e.self_cpu_time_total)
-    for e in ops[: args.profile_rows]:
-        shape = f" {str(e.input_shapes)[:60]}" if args.profile_shapes else ""
-        print(f"  {e.key[:58]:58s} {e.self_cpu_time_total / n / 1e3:9.1f} {e.self_cpu_time_total / n / total:6.1%}"
-              f" {e.count // n:6d}{shape}")
-    print(f"  {'total self CPU':58s} {total / 1e3:9.1f}")
-
-
 def print_report(args, rows: list[dict]) -> None:
     print()
     print(f"shape: hidden {args.hidden}, layers {args.layers}, heads {args.heads}, seq {args.seq}, "
@@ -495,7 +382,10 @@ def main(argv: list[str] | None = None) -> None:
                    help="untimed steps first (optimizer state, compilation; the @heap process needs 2 "
                    "to stop page-faulting)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    p.add_argument("--impls", default="hf,ours,ours-ds", help="comma list of hf, ours, ours-ds")
+    p.add_argument("--impls", default="hf,hf@heap,ours@heap,ours-ds@heap",
+                   help="comma list of hf, ours, ours-ds, each optionally NAME@heap")
+    p.add_argument("--compile-loss", action=argparse.BooleanOptionalAction, default=True,
+                   help="compile_loss of ours and ours-ds (default: on)")
     p.add_argument("--candidates", default="", help="comma list from benchmarks/candidates.py")
     p.add_argument("--pipe", type=int, default=1, help="pipe_parallel_size of ours-ds (1: pipeline engine, "
                    "the default training path; 0: plain engine)")
@@ -512,8 +402,8 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.malloc == "heap":
-        keep_freed_memory()
+    if args.malloc == "heap" and not keep_freed_host_memory():
+        raise SystemExit("--malloc heap: keep_freed_host_memory did not apply (not glibc, or MALLOC_* set)")
     warnings.filterwarnings("ignore")
     os.environ.setdefault("NEOX_DEVICE", "cpu")
     print(f"torch threads: {torch.get_num_threads()} (interop {torch.get_num_interop_threads()}), "

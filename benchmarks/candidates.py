@@ -1,10 +1,11 @@
-"""Candidate speed-ups of our training step, applied to one GPTModel instance.
+"""Speed-ups of our training step that were tried and NOT adopted, kept to reproduce the record.
 
-Each candidate takes (model, cfg, optimizer, loss_fn) and returns the same triple, changed: its
-own optimizer, its own loss function, compiled submodules, or (rotary) a rotary function that
-is active only while that instance's forward runs. So `bench_train_vs_hf.py --candidates a,b`
-times `ours`, `ours+a` and `ours+b` side by side in one process. Nothing in megatron/ is
-modified; README.md gives the measured effect of each and the change it would make there.
+The ones that paid are in megatron/ now (fused AdamW in training/optimizer.py, the compiled loss
+in model/loss.py, the allocator setting in parallel/device.py). Each candidate here takes
+(model, cfg, optimizer, loss_fn) and returns the same triple, changed: its own loss function,
+compiled submodules, or (rotary) a rotary function that is active only while that instance's
+forward runs. So `bench_train_vs_hf.py --candidates a,b` times `ours`, `ours+a` and `ours+b`
+side by side in one process. README.md gives the measured effect of each.
 """
 
 from __future__ import annotations
@@ -19,25 +20,6 @@ from megatron.model import transformer as transformer_module
 from megatron.model.rotary import RotaryEmbedding, apply_rotary
 
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-# --- optimizer -------------------------------------------------------------------------------
-
-def _adamw(opt: torch.optim.Optimizer, **impl) -> torch.optim.Optimizer:
-    """The same param groups and hyper-parameters as `build_optimizer`, another implementation."""
-    d = opt.defaults
-    groups = [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in opt.param_groups]
-    return torch.optim.AdamW(groups, lr=d["lr"], betas=d["betas"], eps=d["eps"], **impl)
-
-
-def fused_adamw(model, cfg, opt, loss_fn):
-    """torch's fused AdamW kernel (one pass over each tensor; CPU kernel since torch 2.4)."""
-    return model, loss_fn, _adamw(opt, fused=True)
-
-
-def foreach_adamw(model, cfg, opt, loss_fn):
-    """Multi-tensor AdamW (default on CUDA, not on the CPU)."""
-    return model, loss_fn, _adamw(opt, foreach=True)
 
 
 # --- loss ------------------------------------------------------------------------------------
@@ -99,23 +81,6 @@ def split_lm_loss(logits: torch.Tensor, labels: torch.Tensor, rows: int = 256) -
 def loss_split(model, cfg, opt, loss_fn):
     """lm_loss as split_lm_loss (fp32 math, blocks of 256 rows, autograd per block)."""
     return model, (lambda m, tokens, labels: split_lm_loss(m(tokens), labels)), opt
-
-
-_compiled_loss: list[Callable] = []
-
-
-def compiled_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """torch.compile of lm_loss: the upcast, log-softmax and nll fuse into reductions that read
-    the bf16 logits directly; the backward writes the bf16 gradient in one pass."""
-    if not _compiled_loss:
-        from megatron.model.gpt import lm_loss
-        _compiled_loss.append(torch.compile(lambda x, y: lm_loss(x, y), dynamic=False))
-    return _compiled_loss[0](logits, labels)
-
-
-def loss_compile(model, cfg, opt, loss_fn):
-    """lm_loss compiled (compiled_lm_loss); the model stays eager."""
-    return model, (lambda m, tokens, labels: compiled_lm_loss(m(tokens), labels)), opt
 
 
 def loss_chunked(model, cfg, opt, loss_fn):
@@ -240,7 +205,7 @@ def compile_blocks(model, cfg, opt, loss_fn):
 def compile_model(model, cfg, opt, loss_fn):
     """torch.compile of the whole forward and the loss (one graph, logits -> loss fused).
     Fails in torch 2.13 with the parallel residual: see compile_blocks."""
-    from megatron.model.gpt import lm_loss
+    from megatron.model.loss import lm_loss
 
     def forward_loss(tokens, labels):
         return lm_loss(model(tokens), labels)
@@ -248,24 +213,10 @@ def compile_model(model, cfg, opt, loss_fn):
     return model, (lambda m, tokens, labels: compiled(tokens, labels)), opt
 
 
-# --- combinations ----------------------------------------------------------------------------
-
-def _chain(*cands):
-    def apply(model, cfg, opt, loss_fn):
-        for c in cands:
-            model, loss_fn, opt = c(model, cfg, opt, loss_fn)
-        return model, loss_fn, opt
-    apply.__doc__ = " + ".join(c.__name__ for c in cands)
-    return apply
-
-
 CANDIDATES = {
-    "fused_adamw": fused_adamw,
-    "foreach_adamw": foreach_adamw,
     "loss_bf16": loss_bf16,
     "loss_chunked": loss_chunked,
     "loss_split": loss_split,
-    "loss_compile": loss_compile,
     "rotary_cache": rotary_cache,
     "rotary_onecat": rotary_onecat,
     "rotary_compile": rotary_compile,
@@ -273,6 +224,4 @@ CANDIDATES = {
     "compile_layers": compile_layers,
     "compile_model": compile_model,
     "compile_blocks": compile_blocks,
-    "fused_adamw+loss_compile": _chain(fused_adamw, loss_compile),
-    "fused_adamw+loss_compile+rotary_compile": _chain(fused_adamw, loss_compile, rotary_compile),
 }

@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import sysconfig
-from pathlib import Path
-
-import numpy as np
 import pytest
 
 from helpers import tiny_config

@@ -7,9 +7,9 @@ import torch
 import torch.distributed as dist
 
 from megatron.config.schema import ModelConfig
-from megatron.model.gpt import GPTModel, layer_defs, lm_loss
+from megatron.model.gpt import GPTModel, layer_defs
+from megatron.model.loss import lm_loss
 from megatron.model.init import layer_generator
-from megatron.parallel import comm
 from megatron.parallel.groups import SINGLE, ParallelGroups
 from megatron.parallel.layers import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
                                       vocab_parallel_cross_entropy)

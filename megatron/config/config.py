@@ -26,7 +26,7 @@ from megatron.config.schema import (
     TrainingConfig,
 )
 from megatron.tokenizer.tokenizer import pad_vocab_size
-from megatron.config.validate import check_choices, check_files, check_model, check_precision
+from megatron.config.validate import check_choices, check_files, check_model, check_precision, check_training
 
 
 @dataclass(frozen=True)
@@ -189,6 +189,7 @@ def load_config(
     derived = derive(groups, world_size, vocab_size)
     check_model(groups["model"], groups["parallel"], derived)
     check_precision(groups["optimizer"], groups["parallel"], derived)
+    check_training(groups["training"], groups["parallel"])
     return NeoXConfig(
         **groups, derived=derived,
         config_files=tuple(str(Path(p)) for p in paths), overrides=tuple(overrides),

@@ -186,6 +186,9 @@ class TrainingConfig:
     synchronize_each_layer: bool = doc(False, "Accepted for GPT-NeoX configs (CUDA sync per layer).")
     distributed_backend: str | None = doc(None, "'nccl' or 'gloo'; chosen from the device when unset.")
     deterministic: bool = doc(False, "Ask PyTorch for deterministic kernels.")
+    compile_loss: bool = doc(
+        False, "torch.compile the fp32 cross-entropy (model_parallel_size 1): ~10% of a CPU step at a "
+        "50k vocabulary; the first step compiles for 10-45 s; eager if compilation fails.")
 
 
 @dataclass(frozen=True)

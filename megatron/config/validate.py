@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from megatron.config.loader import ConfigError
-from megatron.config.schema import DataConfig, ModelConfig, OptimizerConfig, ParallelConfig
+from megatron.config.schema import DataConfig, ModelConfig, OptimizerConfig, ParallelConfig, TrainingConfig
 
 if TYPE_CHECKING:
     from megatron.config.config import Derived, NeoXConfig
@@ -128,6 +128,14 @@ def check_precision(opt: OptimizerConfig, parallel: ParallelConfig, derived: "De
         raise ConfigError(
             f"{derived.precision} with zero_optimization.stage 0 is broken in DeepSpeed 0.19 "
             "(loss never scaled / spurious first step); use stage: 1, as GPT-NeoX does"
+        )
+
+
+def check_training(training: TrainingConfig, parallel: ParallelConfig) -> None:
+    if training.compile_loss and parallel.model_parallel_size > 1:
+        raise ConfigError(
+            f"compile_loss needs model_parallel_size 1, got {parallel.model_parallel_size}: the "
+            "vocabulary-parallel loss communicates inside its autograd function; set compile_loss: false"
         )
 
 

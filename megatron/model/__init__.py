@@ -1,5 +1,7 @@
-"""The GPT-NeoX model as a list of layers (gpt.py), its layers (transformer.py) and sizing (sizing.py)."""
+"""The GPT-NeoX model as a list of layers (gpt.py), its layers (transformer.py), its loss (loss.py)
+and sizing (sizing.py)."""
 
-from megatron.model.gpt import GPTModel, LayerDef, count_parameters, layer_defs, lm_loss
+from megatron.model.gpt import GPTModel, LayerDef, count_parameters, layer_defs
+from megatron.model.loss import lm_loss
 
 __all__ = ["GPTModel", "LayerDef", "count_parameters", "layer_defs", "lm_loss"]

@@ -29,7 +29,7 @@ from megatron.model.init import init_std, layer_generator, normal_
 from megatron.model.transformer import Device, TransformerLayer, make_norm
 from megatron.parallel.comm import enter_tp, scatter_to_sequence
 from megatron.parallel.groups import SINGLE, TensorParallel
-from megatron.parallel.layers import ColumnParallelLinear, VocabParallelEmbedding, vocab_parallel_cross_entropy
+from megatron.parallel.layers import ColumnParallelLinear, VocabParallelEmbedding
 from megatron.parallel.random import checkpoint_context, tp_rng
 
 
@@ -183,11 +183,6 @@ class GPTModel(nn.Module):
             # Non-reentrant checkpoint restores the RNG state, so dropout masks match the forward.
             x = checkpoint(self._run, start, end, x, use_reentrant=False, context_fn=checkpoint_context)
         return self._run(last, len(self.steps), x)
-
-
-def lm_loss(logits: torch.Tensor, labels: torch.Tensor, tp: TensorParallel = SINGLE) -> torch.Tensor:
-    """Mean next-token cross-entropy in fp32, over logits split across tensor-parallel ranks."""
-    return vocab_parallel_cross_entropy(logits, labels, tp).mean()
 
 
 def count_parameters(module: nn.Module) -> int:

@@ -14,14 +14,14 @@ from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 from torch.utils.checkpoint import checkpoint
 
 from megatron.config.schema import ParallelConfig, TrainingConfig
-from megatron.model.gpt import LayerDef, lm_loss
-from megatron.parallel.groups import TensorParallel
+from megatron.model.gpt import LayerDef
+from megatron.model.loss import LossFn
 from megatron.parallel.random import checkpoint_context
 
 
 def to_pipeline_module(
     defs: list[LayerDef], parallel: ParallelConfig, training: TrainingConfig, data_parallel_size: int,
-    tp: TensorParallel,
+    loss_fn: LossFn,
 ) -> PipelineModule:
     specs = []
     for d in defs:
@@ -40,7 +40,7 @@ def to_pipeline_module(
         topology=PipeModelDataParallelTopology(
             num_pp=max(parallel.pipe_parallel_size, 1), num_mp=parallel.model_parallel_size,
             num_dp=data_parallel_size),
-        loss_fn=partial(lm_loss, tp=tp),
+        loss_fn=loss_fn,
         partition_method=parallel.pipe_partition_method,
         activation_checkpoint_interval=ckpt,
         # Only transformer layers are recomputed; the non-reentrant function restores the RNG

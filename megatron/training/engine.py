@@ -16,7 +16,8 @@ import torch.distributed as dist
 
 from megatron.config import NeoXConfig, deepspeed_config
 from megatron.parallel.device import local_device
-from megatron.model.gpt import GPTModel, layer_defs, lm_loss
+from megatron.model.gpt import GPTModel, layer_defs
+from megatron.model.loss import LossFn, loss_function
 from megatron.parallel.groups import ParallelGroups
 from megatron.parallel.layers import mark_for_grad_norm
 from megatron.parallel.pipeline import to_pipeline_module
@@ -29,10 +30,11 @@ Batch = tuple[torch.Tensor, torch.Tensor]  # (tokens, labels), each [micro_batch
 class Stepper(ABC):
     """One optimizer step (all micro-batches of a global batch) and one eval batch."""
 
-    def __init__(self, engine: deepspeed.DeepSpeedEngine, gas: int, groups: ParallelGroups) -> None:
+    def __init__(self, engine: deepspeed.DeepSpeedEngine, gas: int, groups: ParallelGroups, loss_fn: LossFn) -> None:
         self.engine = engine
         self.gas = gas
         self.groups = groups
+        self.loss_fn = loss_fn  # the pipeline engine holds its own reference, in the module
 
     @abstractmethod
     def train_batch(self, data: Iterator[Batch]) -> float:
@@ -80,7 +82,7 @@ class PlainStepper(Stepper):
         losses = []
         for _ in range(self.gas):
             tokens, labels = self._to_device(next(data))
-            loss = lm_loss(self.engine(tokens), labels, self.groups.tensor)
+            loss = self.loss_fn(self.engine(tokens), labels)
             self.engine.backward(loss)
             self.engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
             losses.append(loss.detach())
@@ -92,7 +94,7 @@ class PlainStepper(Stepper):
         losses = []
         for _ in range(self.gas):
             tokens, labels = self._to_device(next(data))
-            losses.append(lm_loss(self.engine(tokens), labels, self.groups.tensor))
+            losses.append(self.loss_fn(self.engine(tokens), labels))
         self.engine.train()
         return self._mean_over_data_parallel(losses)
 
@@ -103,8 +105,9 @@ def build_engine(cfg: NeoXConfig, groups: ParallelGroups) -> tuple[Stepper, Anne
     defs = layer_defs(cfg.model, d.padded_vocab_size, d.intermediate_size, d.max_position_embeddings,
                       cfg.training.seed, device=local_device(), tp=groups.tensor)
     pipelined = cfg.parallel.pipe_parallel_size >= 1
+    loss_fn = loss_function(groups.tensor, cfg.training.compile_loss)
     if pipelined:
-        module = to_pipeline_module(defs, cfg.parallel, cfg.training, d.data_parallel_size, groups.tensor)
+        module = to_pipeline_module(defs, cfg.parallel, cfg.training, d.data_parallel_size, loss_fn)
     else:
         ckpt = cfg.training.checkpoint_num_layers if cfg.training.checkpoint_activations else 0
         module = GPTModel(defs, checkpoint_num_layers=ckpt)
@@ -120,4 +123,4 @@ def build_engine(cfg: NeoXConfig, groups: ParallelGroups) -> tuple[Stepper, Anne
         mpu=None if pipelined else groups,
     )
     stepper_cls = PipelineStepper if pipelined else PlainStepper
-    return stepper_cls(engine, d.gradient_accumulation_steps, groups), scheduler
+    return stepper_cls(engine, d.gradient_accumulation_steps, groups, loss_fn), scheduler

@@ -18,7 +18,7 @@ from megatron.config import ConfigError, NeoXConfig, load_config
 from megatron.config.validate import check_launchable
 from megatron.data.datasets import build_datasets, build_streaming_datasets
 from megatron.logging import MetricsLogger
-from megatron.parallel.device import default_backend, local_device
+from megatron.parallel.device import default_backend, keep_freed_host_memory, local_device
 from megatron.parallel.groups import ParallelGroups
 from megatron.parallel.random import seed_tp_rng
 from megatron.tokenizer import AbstractTokenizer, build_tokenizer
@@ -118,6 +118,8 @@ def seed_everything(seed: int) -> None:
 def build_run(cfg: NeoXConfig) -> RunState:
     init_distributed(cfg.training.distributed_backend)
     device = local_device()
+    if device.type == "cpu":  # activations live in host memory only on the CPU
+        keep_freed_host_memory()
     if cfg.training.deterministic:
         torch.use_deterministic_algorithms(True)
     seed_everything(cfg.training.seed)

@@ -117,6 +117,9 @@ def test_batch_triple_disagreement(tmp_path):
     ({"hidden_dropout": 1.5}, 1, "hidden_dropout must be in [0, 1), got 1.5"),
     ({"sequence_parallel": True, "model_parallel_size": 3, "num_attention_heads": 6, "hidden_size": 96,
       "seq_length": 32}, 3, "sequence_parallel: seq_length 32 is not divisible by model_parallel_size 3"),
+    ({"compile_loss": True, "model_parallel_size": 2}, 2,
+     "compile_loss needs model_parallel_size 1, got 2: the vocabulary-parallel loss communicates inside its "
+     "autograd function; set compile_loss: false"),
 ])
 def test_validation_errors(tmp_path, extra, world, expected):
     assert error(tmp_path, extra, world_size=world) == expected

@@ -75,8 +75,8 @@ def test_preprocess_data(inputs, workers):
     assert summary.startswith(
         f"{out}_text_document: documents=10 tokens={tokens} bytes={nbytes} bad_json=2 missing_key=1 empty=1 seconds="
     )
-    assert f"a.jsonl.zst:5: bad json" in res.stderr
-    assert f"a.jsonl.zst:6: missing key" in res.stderr
+    assert "a.jsonl.zst:5: bad json" in res.stderr
+    assert "a.jsonl.zst:6: missing key" in res.stderr
 
 
 def test_preprocess_errors(inputs):

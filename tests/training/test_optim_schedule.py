@@ -51,3 +51,4 @@ def test_no_weight_decay_on_biases_and_norms():
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
     opt = build_optimizer(model, OptimizerConfig(optimizer=OptimizerSpec("Adam", {"betas": [0.9, 0.95]})), 1e-3)
     assert isinstance(opt, torch.optim.AdamW) and opt.defaults["betas"] == (0.9, 0.95)
+    assert opt.defaults["fused"] is True  # torch's one-pass kernel, not the per-op default on the CPU
