@@ -7,6 +7,7 @@ import os
 import random
 import socket
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import deepspeed
@@ -18,7 +19,7 @@ from megatron.config import ConfigError, NeoXConfig, load_config
 from megatron.config.validate import check_launchable
 from megatron.data.datasets import build_datasets, build_streaming_datasets
 from megatron.logging import MetricsLogger
-from megatron.parallel.device import default_backend, keep_freed_host_memory, local_device
+from megatron.parallel.device import default_backend, device_type, keep_freed_host_memory, local_device
 from megatron.parallel.groups import ParallelGroups
 from megatron.parallel.random import seed_tp_rng
 from megatron.tokenizer import AbstractTokenizer, build_tokenizer
@@ -43,6 +44,22 @@ def init_distributed(backend: str | None) -> None:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(_free_port()))
     deepspeed.init_distributed(dist_backend=default_backend(backend))
+    if device_type() == "cpu":
+        _unlink_deepspeed_shm_buffer()
+
+
+def _unlink_deepspeed_shm_buffer() -> None:
+    """Remove the name of the 66 MiB shared-memory file DeepSpeed's CPU backend creates per rank.
+
+    DeepSpeed opens every rank's /dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>
+    during init_distributed (for an inference all-reduce we never call) and never unlinks it, so
+    each run leaves them behind (gigabytes after a test suite). Once every rank has opened all
+    of them (the barrier), each rank unlinks its own: the mappings stay valid and the kernel
+    frees the memory when the last process exits, crashed or not."""
+    dist.barrier()
+    name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ['MASTER_ADDR']}_"
+            f"{os.environ['MASTER_PORT']}_{dist.get_rank()}")
+    Path("/dev/shm", name).unlink(missing_ok=True)
 
 
 def worker_config(paths: list[str]) -> tuple[NeoXConfig, AbstractTokenizer]:
