@@ -353,10 +353,10 @@ def print_report(args, rows: list[dict]) -> None:
               f"steps; the higher is used")
     print()
     for r in rows:
-        if r["impl"] != "hf" and r["ratio"]:
+        if not r["impl"].startswith("hf") and r["ratio"]:
             print(f"{r['impl']}/transformers {r['dtype']}: {r['ratio']:.2f}x (goal {GOALS[r['dtype']]}x)")
     for r in rows:
-        if r["dtype"] in MFU_GOAL and r["impl"] != "hf":
+        if r["dtype"] in MFU_GOAL and not r["impl"].startswith("hf"):
             print(f"{r['impl']} {r['dtype']} model FLOP/s / matmul peak: {r['flops'] / r['peak']:.1%} "
                   f"(goal {MFU_GOAL[r['dtype']]:.0%})")
     worst = max(r["foreign"] for r in rows)
@@ -391,7 +391,7 @@ def main(argv: list[str] | None = None) -> None:
                    "the default training path; 0: plain engine)")
     p.add_argument("--peak-seconds", type=float, default=1.0)
     p.add_argument("--malloc", choices=("glibc", "heap"), default="glibc",
-                   help="heap: keep freed memory in the process (see keep_freed_memory); both sides")
+                   help="heap: this process keeps freed memory too (keep_freed_host_memory); every impl in it")
     p.add_argument("--quiet-wait", type=float, default=0.0, metavar="S",
                    help="before each timed step wait up to S seconds for other processes to go quiet")
     p.add_argument("--profile", type=int, default=0, metavar="N", help="profile N steps of --profile-impl")
