@@ -161,10 +161,18 @@ def test_wandb_offline_run(tmp_path, monkeypatch, capsys):
     # dir=log_dir wins over WANDB_DIR: the run sits beside metrics.jsonl.
     runs = glob.glob(str(tmp_path / "logs" / "wandb" / "offline-run-*" / "run-*.wandb"))
     assert len(runs) == 1
-    data = open(runs[0], "rb").read()
+    # The record file is protobuf in a log: strings appear verbatim. wandb 0.31's finish() can
+    # return before its service process has written the records (the file then holds only its
+    # 7-byte header for a moment), so wait for them.
+    needles = (b"train/lm_loss", b"eval/lm_loss_ppl", b"hidden_size", b"group-a", b"neox-test")
+    deadline = time.monotonic() + 30
+    while True:
+        data = open(runs[0], "rb").read()
+        if all(n in data for n in needles) or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
     assert data.startswith(b":W&B")
-    # The record file is protobuf in a log: strings appear verbatim.
-    for needle in (b"train/lm_loss", b"eval/lm_loss_ppl", b"hidden_size", b"group-a", b"neox-test"):
+    for needle in needles:
         assert needle in data
 
 
