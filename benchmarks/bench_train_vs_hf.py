@@ -1,52 +1,22 @@
 """Training throughput of our step against Hugging Face's GPTNeoXForCausalLM, on the CPU.
 
-Both sides run the same training step on the same batch with the same weights (ours are copied
-into the transformers model) and the same optimizer groups and hyper-parameters
-(`megatron.training.optimizer.param_groups`: AdamW, no decay on biases and norms):
+Every side runs forward -> fp32 cross-entropy -> backward -> AdamW -> zero_grad on the same
+batch, from the same weights, with the same optimizer groups and hyper-parameters, no clipping;
+steps of all sides are interleaved and the best and median step reported. Sides (--impls):
 
-    forward -> loss (cross-entropy on fp32-upcast logits) -> backward
-    -> AdamW step -> zero_grad(set_to_none=True)
+    hf        transformers (SDPA attention), torch's default AdamW, eager loss: as users run it
+    ours      our GPTModel + build_optimizer (fused AdamW) + loss_function(compile_loss)
+    ours-ds   build_engine(cfg) -> stepper.train_batch, the path train.py runs (bf16: fp32
+              master weights, i.e. more work than the two above)
+    ours+C    ours with a not-adopted candidate from candidates.py
+    NAME@heap NAME in a second process with train.py's allocator setting (glibc keeps freed
+              memory; process-wide, so it cannot be given to one side of a process)
 
-No gradient clipping on either side (the engine's config gets gradient_clipping 0).
-
-What differs is what our framework does and a transformers training script does not:
-`build_optimizer` uses torch's fused AdamW, `compile_loss: true` compiles the loss
-(`megatron.model.loss`), and train.py's CPU workers make glibc keep freed memory
-(`megatron.parallel.device.keep_freed_host_memory`), a process-wide setting. That last one
-cannot be applied to one side of a process, so implementations ending in @heap run in a second
-process that has it; the others run in this process without it. `hf` is transformers as a user
-runs it; `hf@heap` is transformers given our allocator setting too.
-
-dtype: "bf16" means the weights themselves are bf16 (`model.to(torch.bfloat16)`, no autocast)
-for `hf` and `ours`, so AdamW updates bf16 parameters on both. `ours-ds` is the real training
-path, DeepSpeed's engine built by `megatron.training.engine.build_engine` from a config: with
-bf16 DeepSpeed keeps fp32 master weights and fp32 optimizer state, so it does strictly more
-optimizer work (the correct mixed-precision recipe; `hf` / `ours` are like for like).
-
-Implementations (--impls, comma list; --candidates C adds ours+C):
-    hf        transformers GPTNeoXForCausalLM (attn_implementation="sdpa", use_cache=False),
-              torch's default AdamW, eager loss
-    ours      megatron.model.gpt.GPTModel + build_optimizer + loss_function(compile_loss),
-              stepped by hand
-    ours-ds   build_engine(cfg) -> stepper.train_batch, the path train.py runs (--pipe 1: the
-              pipeline engine, the default; 0: the plain engine). bf16 uses ZeRO 1 (required
-              by megatron.config.validate), fp32 ZeRO 0.
-    ours+C    GPTModel with candidate C from benchmarks/candidates.py (things tried and not
-              adopted, for the record)
-    NAME@heap any of the above in the second process (keep_freed_host_memory)
-
-Steps of all implementations are interleaved (one step of each, round robin) so that drift in
-the machine's load hits them alike. The table reports the BEST step of each (other processes
-only ever add time) and the median; `other` is how many CPUs other processes used during that
-best step, `faults`/`sys s` the minor page faults and kernel CPU time per step.
-
-Model FLOPs per token come from `megatron.training.flops.flops_per_token`; the peak is
-`measure_matmul_peak` (1024^3 matmuls in the same dtype and threads), measured before and after
-the timed steps, the higher used.
+benchmarks/README.md explains the sides, the measurements and the results.
 
     python benchmarks/bench_train_vs_hf.py                       # bf16 and fp32, default impls
     python benchmarks/bench_train_vs_hf.py --dtype bf16 --impls hf,ours@heap --iters 6 --quiet-wait 30
-    python benchmarks/bench_train_vs_hf.py --dtype bf16 --impls ours --profile 2
+    python benchmarks/bench_train_vs_hf.py --dtype bf16 --impls ours --malloc heap --profile 2
 """
 
 from __future__ import annotations
