@@ -39,6 +39,7 @@ import torch  # noqa: E402
 import yaml  # noqa: E402
 from torch import nn  # noqa: E402
 
+from megatron.checkpointing.hf import to_hf_model  # noqa: E402
 from megatron.config import load_config  # noqa: E402
 from megatron.model import gpt  # noqa: E402
 from megatron.model.loss import lm_loss, loss_function  # noqa: E402
@@ -78,34 +79,9 @@ def write_config(args: argparse.Namespace, dtype: str, directory: str) -> str:
 
 
 def hf_twin(cfg, ours: gpt.GPTModel):
-    """GPTNeoXForCausalLM with the same config and ours' weights (layout: FACTS.md section 5)."""
-    import transformers
-
-    m, d = cfg.model, cfg.derived
-    hc = transformers.GPTNeoXConfig(
-        vocab_size=d.padded_vocab_size, hidden_size=m.hidden_size, num_hidden_layers=m.num_layers,
-        num_attention_heads=m.num_attention_heads, intermediate_size=d.intermediate_size,
-        max_position_embeddings=d.max_position_embeddings,
-        rope_parameters={"rope_type": "default", "rope_theta": float(m.rotary_emb_base),
-                         "partial_rotary_factor": m.rotary_pct},
-        use_parallel_residual=m.gpt_j_residual, hidden_act="gelu", layer_norm_eps=m.layernorm_epsilon,
-        tie_word_embeddings=False, attention_dropout=0.0, hidden_dropout=0.0, use_cache=False,
-        attn_implementation="sdpa",
-    )
-    hf = transformers.GPTNeoXForCausalLM(hc)
-    layers = ours.layers
-    sd = {"gpt_neox.embed_in.weight": layers[0].word_embeddings.weight}
-    for i in range(m.num_layers):
-        for k, v in layers[1 + i].state_dict().items():
-            if not k.endswith("inv_freq"):
-                sd[f"gpt_neox.layers.{i}.{k}"] = v
-    norm = layers[1 + m.num_layers].norm
-    sd["gpt_neox.final_layer_norm.weight"], sd["gpt_neox.final_layer_norm.bias"] = norm.weight, norm.bias
-    sd["lm_head.weight"] = layers[-1].final_linear.weight
-    result = hf.load_state_dict(sd, strict=False)
-    assert not result.unexpected_keys, result.unexpected_keys
-    assert all("inv_freq" in k or "rotary" in k for k in result.missing_keys), result.missing_keys
-    return hf
+    """GPTNeoXForCausalLM with the same config and ours' weights, SDPA attention as ours."""
+    d = cfg.derived
+    return to_hf_model(cfg.model, ours, d.padded_vocab_size, d.intermediate_size, d.max_position_embeddings, "sdpa")
 
 
 def model_loss(loss_fn: Callable) -> Callable:

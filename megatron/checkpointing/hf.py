@@ -39,3 +39,19 @@ def to_hf_state_dict(model: GPTModel, num_layers: int, tied: bool) -> dict[str, 
     sd["gpt_neox.final_layer_norm.weight"], sd["gpt_neox.final_layer_norm.bias"] = norm.weight, norm.bias
     sd["lm_head.weight"] = layers[0].word_embeddings.weight if tied else layers[-1].final_linear.weight
     return sd
+
+
+def to_hf_model(model: ModelConfig, ours: GPTModel, padded_vocab: int, ffn: int, max_positions: int,
+                attn_implementation: str) -> Any:
+    """A `GPTNeoXForCausalLM` of the same architecture holding our (single-process) weights."""
+    from transformers import GPTNeoXForCausalLM
+
+    hc = hf_config(model, padded_vocab, ffn, max_positions)
+    hc._attn_implementation = attn_implementation
+    hf = GPTNeoXForCausalLM(hc)
+    result = hf.load_state_dict(to_hf_state_dict(ours, model.num_layers, tied=not model.no_weight_tying),
+                                strict=False)
+    unmapped = [k for k in result.missing_keys if "inv_freq" not in k and "rotary" not in k]
+    if result.unexpected_keys or unmapped:
+        raise ValueError(f"weights do not map: unexpected {result.unexpected_keys}, missing {unmapped}")
+    return hf

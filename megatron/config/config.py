@@ -25,8 +25,8 @@ from megatron.config.schema import (
     ParallelConfig,
     TrainingConfig,
 )
-from megatron.tokenizer.tokenizer import pad_vocab_size
 from megatron.config.validate import check_choices, check_files, check_model, check_precision, check_training
+from megatron.tokenizer.tokenizer import pad_vocab_size
 
 
 @dataclass(frozen=True)

@@ -57,4 +57,3 @@ def keep_freed_host_memory() -> bool:
     libc = ctypes.CDLL("libc.so.6")
     m_trim_threshold, m_mmap_max = -1, -4  # <malloc.h>
     return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
-
