@@ -8,6 +8,12 @@ from typing import Any
 from megatron.config.config import NeoXConfig
 
 
+def framework_clips(cfg: NeoXConfig) -> bool:
+    """fp32 without ZeRO: DeepSpeed clips there but throws the norm away, so the framework
+    clips and reports it instead (`clip_in_optimizer` in megatron/training/optimizer.py)."""
+    return cfg.derived.precision == "fp32" and cfg.optimizer.zero_optimization.stage == 0
+
+
 def deepspeed_config(cfg: NeoXConfig) -> dict[str, Any]:
     opt, d = cfg.optimizer, cfg.derived
     zero = dataclasses.asdict(opt.zero_optimization)
@@ -17,8 +23,8 @@ def deepspeed_config(cfg: NeoXConfig) -> dict[str, Any]:
         "train_batch_size": d.train_batch_size,
         "train_micro_batch_size_per_gpu": d.micro_batch_size,
         "gradient_accumulation_steps": d.gradient_accumulation_steps,
-        # DeepSpeed 0.19 defaults clipping to 1.0: always pass the configured value.
-        "gradient_clipping": opt.gradient_clipping,
+        # DeepSpeed 0.19 defaults clipping to 1.0: always pass a value.
+        "gradient_clipping": 0.0 if framework_clips(cfg) else opt.gradient_clipping,
         "zero_optimization": zero,
         "steps_per_print": cfg.logging.steps_per_print,
         "wall_clock_breakdown": cfg.logging.wall_clock_breakdown,

@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from megatron.config import NeoXConfig, deepspeed_config
+from megatron.config.deepspeed import framework_clips
 from megatron.parallel.device import local_device
 from megatron.model.gpt import GPTModel, layer_defs
 from megatron.model.loss import LossFn, loss_function
@@ -22,7 +23,7 @@ from megatron.parallel.groups import ParallelGroups
 from megatron.parallel.layers import mark_for_grad_norm
 from megatron.parallel.pipeline import to_pipeline_module
 from megatron.training.lr_schedule import AnnealingLR
-from megatron.training.optimizer import build_optimizer
+from megatron.training.optimizer import build_optimizer, clip_in_optimizer
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # (tokens, labels), each [micro_batch, seq]
 
@@ -113,6 +114,8 @@ def build_engine(cfg: NeoXConfig, groups: ParallelGroups) -> tuple[Stepper, Anne
         module = GPTModel(defs, checkpoint_num_layers=ckpt)
     mark_for_grad_norm(module, groups.tensor)
     optimizer = build_optimizer(module, cfg.optimizer, d.lr)
+    if framework_clips(cfg):
+        clip_in_optimizer(optimizer, cfg.optimizer.gradient_clipping, groups.get_model_parallel_group())
     scheduler = AnnealingLR(optimizer, d.lr, cfg.lr.min_lr, d.warmup_iters, d.lr_decay_iters,
                             cfg.lr.lr_decay_style)
     engine, _, _, _ = deepspeed.initialize(

@@ -6,7 +6,10 @@ layernorm gain towards 0 fights the normalisation itself.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from megatron.config.schema import OptimizerConfig
@@ -43,3 +46,34 @@ def build_optimizer(model: nn.Module, opt: OptimizerConfig, lr: float) -> torch.
         groups, lr=lr, betas=tuple(params.get("betas", (0.9, 0.999))), eps=params.get("eps", 1e-8),
         fused=fused or None,
     )
+
+
+def clip_in_optimizer(optimizer: torch.optim.Optimizer, max_norm: float, replica_group: Any = None) -> None:
+    """Before every step, clip the gradients to `max_norm` (0: do not clip) and leave their
+    global norm where DeepSpeed's engine reads it after the step (`_global_grad_norm`).
+
+    For the one path where DeepSpeed clips but keeps no norm (fp32 without ZeRO, see
+    `framework_clips`). The norm is DeepSpeed's: every gradient counted once across tensor ranks
+    (the `model_parallel` flag of `mark_for_grad_norm`) and pipeline stages (tied copies carry
+    `ds_pipe_replicated`), squares summed over the ranks of one replica; data-parallel ranks
+    already hold the same all-reduced gradients.
+    """
+    def clip(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        everything = [p for group in opt.param_groups for p in group["params"]]
+        params = [p for p in everything if p.grad is not None]
+        counted = [p.grad for p in params
+                   if getattr(p, "model_parallel", True) and not getattr(p, "ds_pipe_replicated", False)]
+        # Every rank of the replica joins the all-reduce, with or without gradients of its own.
+        squares = torch.zeros((), dtype=torch.float32, device=everything[0].device)
+        for grad in counted:
+            squares += torch.linalg.vector_norm(grad, dtype=torch.float32).square()
+        if replica_group is not None and dist.get_world_size(replica_group) > 1:
+            dist.all_reduce(squares, group=replica_group)
+        norm = squares.sqrt()
+        if max_norm > 0:
+            coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+            for p in params:
+                p.grad.mul_(coef.to(p.grad.dtype))
+        opt._global_grad_norm = float(norm)
+
+    optimizer.register_step_pre_hook(clip)

@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from megatron.config import ConfigError, deepspeed_config, load_config
+from megatron.config.deepspeed import framework_clips
 from megatron.config.schema import GROUPS
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -156,6 +157,9 @@ def test_deepspeed_json_from_yaml(tmp_path):
     assert ds["fp16"] == {"enabled": True, "loss_scale": 0.0, "loss_scale_window": 1000,
                           "initial_scale_power": 12, "hysteresis": 2, "min_loss_scale": 1.0}
     assert ds["zero_optimization"]["stage"] == 1 and ds["zero_optimization"]["reduce_bucket_size"] == 1000
+    # fp32 without ZeRO: DeepSpeed would clip and drop the norm; the framework clips instead.
+    fp32_zero0 = load(tmp_path, {"zero_optimization": {"stage": 0}, "gradient_clipping": 0.5}, world_size=2)
+    assert framework_clips(fp32_zero0) and deepspeed_config(fp32_zero0)["gradient_clipping"] == 0.0
 
 
 def test_every_key_is_documented():

@@ -26,11 +26,16 @@ LAYOUTS = {
     "tp2_pp2": dict(model_parallel_size=2, pipe_parallel_size=2),
     "tp2_pp2_dp2": dict(model_parallel_size=2, pipe_parallel_size=2, gradient_accumulation_steps=2),
     "tp2_pp2_ckpt": dict(model_parallel_size=2, pipe_parallel_size=2, checkpoint_activations=True),
+    # ZeRO 0: the framework clips and computes the norm (clip_in_optimizer), DeepSpeed does not.
+    "zero0": dict(zero_optimization={"stage": 0}),
+    "tp2_zero0": dict(model_parallel_size=2, zero_optimization={"stage": 0}),
+    "tp2_pp2_dp2_zero0": dict(model_parallel_size=2, pipe_parallel_size=2, gradient_accumulation_steps=2,
+                              zero_optimization={"stage": 0}),
     # Mixed precision against the fp32 reference (the tolerance is in LOOSE).
     "tp2_bf16": dict(model_parallel_size=2, bf16={"enabled": True}),
     "tp2_fp16": dict(model_parallel_size=2, fp16={"enabled": True, "initial_scale_power": 12}),
 }
-SLOW = {"pp4", "tp2_pp2", "tp2_pp2_dp2", "tp2_pp2_ckpt"}
+SLOW = {"pp4", "tp2_pp2", "tp2_pp2_dp2", "tp2_pp2_ckpt", "tp2_pp2_dp2_zero0"}
 # bf16 keeps 8 mantissa bits, fp16 11: losses stay within these of the fp32 run over 4 steps.
 LOOSE = {"tp2_bf16": 2e-2, "tp2_fp16": 2e-3}
 

@@ -10,7 +10,7 @@ import torch
 from megatron.config.schema import ModelConfig, OptimizerConfig, OptimizerSpec
 from megatron.model import GPTModel, layer_defs
 from megatron.training.lr_schedule import AnnealingLR
-from megatron.training.optimizer import build_optimizer, param_groups
+from megatron.training.optimizer import build_optimizer, clip_in_optimizer, param_groups
 
 
 def schedule(style: str) -> AnnealingLR:
@@ -52,3 +52,23 @@ def test_no_weight_decay_on_biases_and_norms():
     opt = build_optimizer(model, OptimizerConfig(optimizer=OptimizerSpec("Adam", {"betas": [0.9, 0.95]})), 1e-3)
     assert isinstance(opt, torch.optim.AdamW) and opt.defaults["betas"] == (0.9, 0.95)
     assert opt.defaults["fused"] is True  # torch's one-pass kernel, not the per-op default on the CPU
+
+
+@pytest.mark.parametrize("max_norm", [0.0, 1.0, 100.0])
+def test_clip_in_optimizer_reports_the_norm_before_clipping(max_norm):
+    """Counted: weights, and the bias flagged as this rank's to count; not counted: a bias that
+    another tensor rank counts (model_parallel False) or a tied pipeline copy."""
+    w, b, other, tied = (torch.nn.Parameter(torch.zeros(n)) for n in (4, 2, 3, 1))
+    other.model_parallel, tied.ds_pipe_replicated, b.model_parallel = False, True, True
+    grads = {w: [3.0, 0.0, 4.0, 0.0], b: [0.0, 12.0], other: [100.0, 0.0, 0.0], tied: [50.0]}
+    for p, g in grads.items():
+        p.grad = torch.tensor(g)
+    opt = torch.optim.SGD([w, b, other, tied], lr=1.0)
+    clip_in_optimizer(opt, max_norm)
+    opt.step()
+    assert opt._global_grad_norm == pytest.approx(13.0)  # sqrt(3^2 + 4^2 + 12^2)
+    coef = min(1.0, max_norm / (13.0 + 1e-6)) if max_norm else 1.0
+    # SGD with lr 1 moves each parameter by minus its (clipped) gradient: every gradient is
+    # scaled, counted or not, as DeepSpeed's clipping does.
+    for p, g in grads.items():
+        assert p.detach().tolist() == pytest.approx([-coef * x for x in g])
