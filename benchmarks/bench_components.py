@@ -12,6 +12,8 @@ Components (shapes of the default benchmark model, h512 L8 s512 b4 V50304):
     optimizer  one AdamW step over the model's parameters (gradients preset)
     rotary     rotary of q and k of ONE layer, forward + backward
     attention  causal SDPA of ONE layer, forward + backward
+    attn_bwd   the backward of ONE layer's causal flash attention vs matmuls from its logsumexp
+               (prints each variant's gradient error against an fp64 reference first)
     layer      ONE TransformerLayer, forward + backward (eager vs torch.compile)
 """
 
@@ -137,6 +139,29 @@ def attention_variants(args, dtype):
     return {"SDPA flash (CPU default)": run(SDPBackend.FLASH_ATTENTION), "SDPA math": run(SDPBackend.MATH)}
 
 
+def attention_backward_variants(args, dtype):
+    b, heads, s, hd = args.batch, args.heads, args.seq, args.hidden // args.heads
+    gen = torch.Generator().manual_seed(0)
+    q, k, v, dout = ((torch.randn(b, heads, s, hd, generator=gen) * 2).to(dtype) for _ in range(4))
+    scale = hd ** -0.5
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, True, scale=scale)[:2]
+
+    def flash():
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            dout, q, k, v, out, lse, 0.0, True, scale=scale)[:3]
+
+    def from_lse(fp32_scores):
+        return lambda: candidates.attention_backward_from_lse(q, k, v, out, lse, dout, scale, fp32_scores)
+    variants = {"flash backward (SDPA's CPU kernel)": flash,
+                "matmuls from lse, bf16 scores": from_lse(False), "matmuls from lse, fp32 scores": from_lse(True)}
+    ref = [t.double().requires_grad_() for t in (q, k, v)]
+    F.scaled_dot_product_attention(*ref, is_causal=True, scale=scale).backward(dout.double())
+    for name, fn in variants.items():
+        errors = [float((g.double() - r.grad).norm() / r.grad.norm()) for g, r in zip(fn(), ref)]
+        print(f"  {name:34s} relative error of dq, dk, dv vs fp64: " + ", ".join(f"{e:.1e}" for e in errors))
+    return variants
+
+
 def layer_variants(args, dtype):
     cfg = model_config(args)
     eager = TransformerLayer(cfg, 4 * args.hidden, layer_generator(1234, 2)).to(dtype)
@@ -156,7 +181,8 @@ def layer_variants(args, dtype):
 
 
 COMPONENTS = {"loss": loss_variants, "optimizer": optimizer_variants, "rotary": rotary_variants,
-              "attention": attention_variants, "layer": layer_variants}
+              "attention": attention_variants, "attn_bwd": attention_backward_variants,
+              "layer": layer_variants}
 
 
 def main() -> None:
@@ -178,10 +204,10 @@ def main() -> None:
     dtype = DTYPES[args.dtype]
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, {args.dtype}, best of {args.reps}")
     for name in args.only.split(","):
+        print(f"{name}:")
         variants = COMPONENTS[name](args, dtype)
         best = race(variants, args.reps)
         base = next(iter(best.values()))
-        print(f"{name}:")
         for variant, ms in best.items():
             print(f"  {variant:34s} {ms:9.1f} ms  {base / ms:5.2f}x")
         sys.stdout.flush()

@@ -177,6 +177,37 @@ def sdpa_math(model, cfg, opt, loss_fn):
     return model, loss, opt
 
 
+def _causal_probs_and_dscores(scores, lse, dprobs, delta, scale: float, dtype: torch.dtype):
+    """Softmax probabilities rebuilt from the forward's logsumexp, and the scores' gradient
+    (p * (dp - rowsum(dO * O)) * scale), both masked causally: one pass to fuse."""
+    row = torch.arange(scores.shape[-2], device=scores.device).unsqueeze(-1)
+    col = torch.arange(scores.shape[-1], device=scores.device)
+    p = torch.where(col <= row, torch.exp(scores.float() * scale - lse.unsqueeze(-1)), 0.0)
+    ds = p * (dprobs.float() - delta.unsqueeze(-1)) * scale
+    return p.to(dtype), ds.to(dtype)
+
+
+_compiled_probs: list[Callable] = []
+
+
+def attention_backward_from_lse(q, k, v, out, lse, dout, scale: float, fp32_scores: bool):
+    """Causal attention backward as five batched matmuls and one compiled elementwise pass,
+    from the logsumexp that the CPU flash forward returns (instead of its backward kernel).
+
+    fp32_scores=False: q k^T and dO v^T come out of bf16 matmuls rounded to bf16, which the
+    flash kernel (fp32 accumulators) does not do; True: those two matmuls in fp32."""
+    if not _compiled_probs:
+        _compiled_probs.append(torch.compile(_causal_probs_and_dscores, dynamic=False))
+    if fp32_scores:
+        scores = q.float() @ k.float().transpose(-1, -2)
+        dprobs = dout.float() @ v.float().transpose(-1, -2)
+    else:
+        scores, dprobs = q @ k.transpose(-1, -2), dout @ v.transpose(-1, -2)
+    delta = (dout.float() * out.float()).sum(-1)
+    p, ds = _compiled_probs[0](scores, lse, dprobs, delta, scale, q.dtype)
+    return ds @ k, ds.transpose(-1, -2) @ q, p.transpose(-1, -2) @ dout
+
+
 # --- compilation -----------------------------------------------------------------------------
 
 def compile_layers(model, cfg, opt, loss_fn):
