@@ -26,6 +26,7 @@ from megatron.config.schema import (
     TrainingConfig,
 )
 from megatron.config.validate import check_choices, check_files, check_model, check_precision, check_training
+from megatron.parallel.device import gpus_on_this_node
 from megatron.tokenizer.tokenizer import pad_vocab_size
 
 
@@ -73,8 +74,10 @@ class NeoXConfig:
 
 
 def default_world_size(parallel: ParallelConfig, launcher: LauncherConfig) -> int:
-    """Processes the launcher starts when the caller does not say: num_gpus per node, else TP x PP."""
-    per_node = launcher.num_gpus or parallel.model_parallel_size * max(parallel.pipe_parallel_size, 1)
+    """Processes the launcher starts when the caller does not say, per node: num_gpus, else one
+    per GPU of this machine (GPT-NeoX's default), else (CPU only) TP x PP."""
+    per_node = (launcher.num_gpus or gpus_on_this_node()
+                or parallel.model_parallel_size * max(parallel.pipe_parallel_size, 1))
     return per_node * launcher.num_nodes
 
 

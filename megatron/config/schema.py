@@ -216,7 +216,7 @@ class LoggingConfig:
 @dataclass(frozen=True)
 class LauncherConfig:
     num_gpus: int | None = doc(
-        None, "Processes per node; on a CPU-only machine defaults to TP x PP (gloo)."
+        None, "Processes per node; default: one per GPU of this machine, or TP x PP on a CPU-only one (gloo)."
     )
     num_nodes: int = doc(1, "Nodes (multi-node launchers come later).")
     master_port: int = doc(29500, "Rendezvous port.")

@@ -88,6 +88,23 @@ def test_batch_triple_any_two_give_third(tmp_path, given, expected):
     assert d.data_parallel_size == 2
 
 
+@pytest.mark.parametrize("gpus, extra, expected", [
+    (0, {"model_parallel_size": 2, "pipe_parallel_size": 2}, 4),  # CPU only: TP x PP
+    (8, {"model_parallel_size": 2, "pipe_parallel_size": 2}, 8),  # one process per GPU
+    (8, {"num_gpus": 4}, 4),                                      # num_gpus wins
+    (8, {"num_nodes": 2, "hostfile": "hosts"}, 16),              # per node
+])
+def test_default_world_size(tmp_path, monkeypatch, gpus, extra, expected):
+    import megatron.config.config as config_module
+
+    monkeypatch.setattr(config_module, "gpus_on_this_node", lambda: gpus)
+    path = write(tmp_path, "c.yml", {**BASE, **extra})
+    d = load_config([path], require_files=False).derived
+    assert d.world_size == expected
+    tp_pp = extra.get("model_parallel_size", 1) * extra.get("pipe_parallel_size", 1)
+    assert d.data_parallel_size == expected // tp_pp
+
+
 def test_batch_triple_disagreement(tmp_path):
     msg = error(tmp_path, {"train_batch_size": 10}, world_size=2)
     assert msg == ("train_batch_size 10 != train_micro_batch_size_per_gpu 2 x gradient_accumulation_steps 3 "
