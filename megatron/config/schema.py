@@ -179,7 +179,10 @@ class TrainingConfig:
     seed: int = doc(1234, "Seed of weights, dropout and data order.")
     eval_interval: int = doc(1000, "Evaluate on the validation split every this many iterations.")
     eval_iters: int = doc(100, "Batches per evaluation.")
-    exit_interval: int | None = doc(None, "Checkpoint and exit after this iteration.")
+    exit_interval: int | None = doc(
+        None, "Checkpoint and exit at the next iteration divisible by this (GPT-NeoX's meaning): "
+        "rerunning the same config with `load` goes on to the next multiple."
+    )
     checkpoint_activations: bool = doc(False, "Recompute layer activations in the backward pass.")
     checkpoint_num_layers: int = doc(1, "Layers per activation-checkpoint chunk.")
     partition_activations: bool = doc(False, "Split checkpointed activations across TP ranks.")

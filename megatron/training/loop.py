@@ -63,7 +63,8 @@ def _log(run: RunState, iteration: int, stats: IntervalStats) -> None:
 
 
 def train(run: RunState) -> list[float]:
-    """Run from the loaded iteration to train_iters (or exit_interval). Returns the losses."""
+    """Run from the loaded iteration to train_iters, or to the next multiple of exit_interval
+    (checkpointed, so that the same command resumes). Returns the losses."""
     cfg, d = run.cfg, run.cfg.derived
     ck = cfg.checkpoint
     iteration, consumed = 0, 0
@@ -84,7 +85,14 @@ def train(run: RunState) -> list[float]:
         last_saved = iteration
         run.print(f"saved checkpoint {path}")
 
-    end = d.train_iters if cfg.training.exit_interval is None else min(d.train_iters, cfg.training.exit_interval)
+    start, end = iteration, d.train_iters
+    if cfg.training.exit_interval:  # GPT-NeoX's meaning: stop at the next multiple
+        end = min(end, (start // cfg.training.exit_interval + 1) * cfg.training.exit_interval)
+    if start >= end:
+        # Nothing to do: evaluating and saving again would rewrite the checkpoint that
+        # `latest` points to.
+        run.print(f"nothing to train: at iteration {start} of train_iters {d.train_iters}")
+        return losses
     while iteration < end:
         loss = run.stepper.train_batch(data)
         iteration += 1
@@ -98,9 +106,9 @@ def train(run: RunState) -> list[float]:
             stats.start = time.perf_counter()  # eval time is not training throughput
         if ck.save and ck.checkpoint_factor and iteration % ck.checkpoint_factor == 0:
             save()
-    if iteration > 0 and not (cfg.training.eval_interval and iteration % cfg.training.eval_interval == 0):
+    if not (cfg.training.eval_interval and iteration % cfg.training.eval_interval == 0):
         evaluate(run, iteration)
-    if ck.save and last_saved != iteration and iteration > 0:
+    if ck.save and last_saved != iteration:
         save()
     return losses
 

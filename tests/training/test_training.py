@@ -42,17 +42,25 @@ def test_single_process_trains_logs_and_checkpoints(tiny, tmp_path):
 
 
 def test_resume_gives_identical_losses(tiny, tmp_path):
+    """exit_interval 5 of 12 iterations: the same command stops at 5, then 10, then ends at 12."""
     full = tiny("full")
     assert run_cli("train.py", full).returncode == 0
-    half = tiny("half", exit_interval=5)
-    proc = run_cli("train.py", half)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert (tmp_path / "half" / "ckpt" / "latest").read_text() == "global_step5"
-    resumed = tiny("half", load=str(tmp_path / "half" / "ckpt"))
-    proc = run_cli("train.py", resumed)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "resumed from" in proc.stdout and "at iteration 5" in proc.stdout
+    ckpt = tmp_path / "half" / "ckpt"
+    half = tiny("half", exit_interval=5, load=str(ckpt))
+    for start, stop in ((0, 5), (5, 10), (10, 12)):
+        proc = run_cli("train.py", half)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert (ckpt / "latest").read_text() == f"global_step{stop}"
+        if start:
+            assert f"resumed from {ckpt} at iteration {start}" in proc.stdout
     assert losses(tmp_path / "half" / "logs") == losses(tmp_path / "full" / "logs")  # bitwise in fp32
+    # Once finished, the same command trains, evaluates and saves nothing.
+    saved = {p: p.stat().st_mtime_ns for p in (ckpt / "global_step12").iterdir()}
+    records = len(metrics(tmp_path / "half" / "logs", "eval"))
+    proc = run_cli("train.py", half)
+    assert proc.returncode == 0 and "nothing to train: at iteration 12 of train_iters 12" in proc.stdout
+    assert {p: p.stat().st_mtime_ns for p in (ckpt / "global_step12").iterdir()} == saved
+    assert len(metrics(tmp_path / "half" / "logs", "eval")) == records
 
 
 def test_finetune_loads_weights_only(tiny, tmp_path):
