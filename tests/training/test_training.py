@@ -63,6 +63,25 @@ def test_resume_gives_identical_losses(tiny, tmp_path):
     assert len(metrics(tmp_path / "half" / "logs", "eval")) == records
 
 
+def test_resume_restores_dropout_rng_and_loss_scale(tiny, tmp_path):
+    """With dropout the resumed steps match only if the RNG states are restored; with fp16 and
+    a 2-step scale window the loss scale keeps growing only if the scaler state is restored."""
+    kw = dict(train_iters=8, eval_interval=100, hidden_dropout=0.1, attention_dropout=0.1,
+              fp16={"enabled": True, "initial_scale_power": 8, "loss_scale_window": 2},
+              zero_optimization={"stage": 1})
+    assert run_cli("train.py", tiny("full", **kw)).returncode == 0
+    assert run_cli("train.py", tiny("half", exit_interval=4, **kw)).returncode == 0
+    proc = run_cli("train.py", tiny("half", load=str(tmp_path / "half" / "ckpt"), **kw))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    full, half = metrics(tmp_path / "full" / "logs"), metrics(tmp_path / "half" / "logs")
+    assert [r["loss_scale"] for r in half] == [r["loss_scale"] for r in full]
+    assert full[-1]["loss_scale"] > full[0]["loss_scale"]
+    assert [r["lm_loss"] for r in half] == [r["lm_loss"] for r in full]
+    no_dropout = tiny("plain", **{**kw, "hidden_dropout": 0.0, "attention_dropout": 0.0})
+    assert run_cli("train.py", no_dropout).returncode == 0
+    assert losses(tmp_path / "plain" / "logs") != [r["lm_loss"] for r in full]  # dropout did act
+
+
 def test_finetune_loads_weights_only(tiny, tmp_path):
     assert run_cli("train.py", tiny("base", train_iters=4)).returncode == 0
     proc = run_cli("train.py", tiny("ft", load=str(tmp_path / "base" / "ckpt"), finetune=True, train_iters=3))
