@@ -10,6 +10,7 @@ import yaml
 
 from megatron.config import ConfigError, deepspeed_config, load_config
 from megatron.config.deepspeed import framework_clips
+from megatron.config.validate import check_launchable
 from megatron.config.schema import GROUPS
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -138,9 +139,61 @@ def test_batch_triple_disagreement(tmp_path):
     ({"compile_loss": True, "model_parallel_size": 2}, 2,
      "compile_loss needs model_parallel_size 1, got 2: the vocabulary-parallel loss communicates inside its "
      "autograd function; set compile_loss: false"),
+    ({"intermediate_size": 129, "model_parallel_size": 2}, 2,
+     "intermediate_size 129 is not divisible by model_parallel_size 2"),
+    ({"zero_optimization": {"stage": 4}}, 1, "zero_optimization.stage must be 0, 1, 2 or 3, got 4"),
+    ({"optimizer": {"type": "Adam", "params": {"beta": 0.9}}}, 1,
+     "unknown optimizer.params key 'beta'; valid: lr, betas, eps, momentum"),
+    ({"optimizer": {"type": "Adam", "params": {"momentum": 0.9}}}, 1, "optimizer.params.momentum only applies to SGD"),
+    ({"precision": "fp16"}, 1, "precision 'fp16' disagrees with the fp16/bf16 blocks ('fp32')"),
+    ({"train_micro_batch_size_per_gpu": None, "gradient_accumulation_steps": None}, 1,
+     "set two of train_batch_size, train_micro_batch_size_per_gpu, gradient_accumulation_steps"),
+    ({"train_batch_size": 10, "train_micro_batch_size_per_gpu": None}, 2,
+     "train_batch_size 10 is not divisible by gradient_accumulation_steps 3 x data-parallel size 2"),
+    ({"model_parallel_size": 0}, 1, "model_parallel_size must be >= 1 and pipe_parallel_size >= 0 (got 0, 1)"),
+    ({"train_iters": 0}, 1, "train_iters must be >= 1, got 0"),
 ])
 def test_validation_errors(tmp_path, extra, world, expected):
     assert error(tmp_path, extra, world_size=world) == expected
+
+
+@pytest.mark.parametrize("extra, expected", [
+    ({}, "set data_path (or train_data_paths) to a preprocessed dataset prefix"),
+    ({"tokenizer_type": "HFTokenizer"}, "tokenizer_type HFTokenizer needs vocab_file"),
+    ({"tokenizer_type": "GPT2BPETokenizer", "vocab_file": "c.yml"}, "tokenizer_type GPT2BPETokenizer needs merge_file"),
+    ({"data_path": "a", "train_data_paths": ["b"]}, "set either data_path or train_data_paths, not both"),
+    ({"data_impl": "stream", "data_path": "a"}, "data_impl 'stream' reads raw files: set train_data_paths (not data_path)"),
+    ({"data_impl": "stream", "train_data_paths": ["a"], "train_data_weights": [1.0]},
+     "data_impl 'stream' does not blend: remove the *_data_weights keys"),
+])
+def test_data_and_tokenizer_errors(tmp_path, monkeypatch, extra, expected):
+    monkeypatch.chdir(tmp_path)  # relative file names below resolve here
+    with pytest.raises(ConfigError) as info:
+        load_config([write(tmp_path, "c.yml", {**BASE, **extra})])
+    assert str(info.value) == expected
+
+
+def test_config_file_errors(tmp_path):
+    def message(text: str) -> str:
+        path = tmp_path / "bad.yml"
+        path.write_text(text)
+        with pytest.raises(ConfigError) as info:
+            load_config([str(path)], world_size=1, require_files=False)
+        return str(info.value)
+
+    with pytest.raises(ConfigError, match=f"^config file not found: {tmp_path}/none.yml$"):
+        load_config([str(tmp_path / "none.yml")])
+    assert message("num_layers: [1,\n").startswith(f"{tmp_path}/bad.yml: not valid YAML: ")
+    assert message("- num_layers\n") == f"{tmp_path}/bad.yml: expected a mapping of keys to values, got list"
+    assert message("num_layers: null\n") == f"num_layers (in {tmp_path}/bad.yml): must not be null"
+    assert message("zero_optimization: 3\n") == f"zero_optimization (in {tmp_path}/bad.yml): expected a mapping, got 3"
+    assert message("num_layers: two\n") == f"num_layers (in {tmp_path}/bad.yml): expected int, got 'two'"
+
+
+def test_multi_node_needs_a_hostfile(tmp_path):
+    cfg = load(tmp_path, {"num_nodes": 2}, world_size=2)
+    with pytest.raises(ConfigError, match="^num_nodes 2 needs a hostfile listing the nodes$"):
+        check_launchable(cfg)
 
 
 def test_zero3_without_pipeline_is_fine(tmp_path):
@@ -191,3 +244,12 @@ def test_config_reference_is_up_to_date():
 
     proc = subprocess.run([sys.executable, "tools/config_reference.py", "--check"], cwd=ROOT)
     assert proc.returncode == 0, "docs/config.md is stale: run python tools/config_reference.py"
+
+
+def test_vocab_size_must_match_the_tokenizer(tmp_path, char_data):
+    from helpers import tiny_config
+    from megatron.training.setup import worker_config
+
+    with pytest.raises(ConfigError) as info:
+        worker_config([tiny_config(tmp_path, char_data, vocab_size=100)])
+    assert str(info.value) == "vocab_size 100 in the config but the tokenizer (CharLevelTokenizer) has 257 entries"
