@@ -185,7 +185,10 @@ class TrainingConfig:
     )
     checkpoint_activations: bool = doc(False, "Recompute layer activations in the backward pass.")
     checkpoint_num_layers: int = doc(1, "Layers per activation-checkpoint chunk.")
-    partition_activations: bool = doc(False, "Split checkpointed activations across TP ranks.")
+    partition_activations: bool = doc(
+        False, "Split checkpointed activations across TP ranks: with TP > 1 it needs sequence_parallel, "
+        "which does that split."
+    )
     synchronize_each_layer: bool = doc(False, "Accepted for GPT-NeoX configs (CUDA sync per layer).")
     distributed_backend: str | None = doc(None, "'nccl' or 'gloo'; chosen from the device when unset.")
     deterministic: bool = doc(False, "Ask PyTorch for deterministic kernels.")

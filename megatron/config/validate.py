@@ -132,6 +132,12 @@ def check_precision(opt: OptimizerConfig, parallel: ParallelConfig, derived: "De
 
 
 def check_training(training: TrainingConfig, parallel: ParallelConfig) -> None:
+    if training.partition_activations and parallel.model_parallel_size > 1 and not parallel.sequence_parallel:
+        raise ConfigError(
+            f"partition_activations: true is done here by sequence_parallel: true, which keeps the "
+            f"checkpointed layer inputs split over the {parallel.model_parallel_size} tensor-parallel ranks; "
+            "set sequence_parallel: true (or partition_activations: false)"
+        )
     if training.compile_loss and parallel.model_parallel_size > 1:
         raise ConfigError(
             f"compile_loss needs model_parallel_size 1, got {parallel.model_parallel_size}: the "

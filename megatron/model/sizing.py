@@ -105,7 +105,8 @@ def plan(cfg: NeoXConfig) -> SizePlan:
     layers_per_stage = len(stage_layer_ranges(cfg.model.num_layers, pp)[0])
     in_flight = min(pp, d.gradient_accumulation_steps)
     full_layer = int(s * b * h * (10 + 24 / tp) * wbytes / 2)
-    layer_input = s * b * h * wbytes // (tp if cfg.training.partition_activations else 1)
+    # Sequence parallelism keeps each layer's input split over the tensor-parallel ranks.
+    layer_input = s * b * h * wbytes // (tp if cfg.parallel.sequence_parallel else 1)
     no_ckpt = full_layer * layers_per_stage * in_flight
     chunk = cfg.training.checkpoint_num_layers
     ckpt = layer_input * -(-layers_per_stage // chunk) * in_flight + full_layer * chunk

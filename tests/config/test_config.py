@@ -152,6 +152,9 @@ def test_batch_triple_disagreement(tmp_path):
      "train_batch_size 10 is not divisible by gradient_accumulation_steps 3 x data-parallel size 2"),
     ({"model_parallel_size": 0}, 1, "model_parallel_size must be >= 1 and pipe_parallel_size >= 0 (got 0, 1)"),
     ({"train_iters": 0}, 1, "train_iters must be >= 1, got 0"),
+    ({"partition_activations": True, "model_parallel_size": 2}, 2,
+     "partition_activations: true is done here by sequence_parallel: true, which keeps the checkpointed layer "
+     "inputs split over the 2 tensor-parallel ranks; set sequence_parallel: true (or partition_activations: false)"),
 ])
 def test_validation_errors(tmp_path, extra, world, expected):
     assert error(tmp_path, extra, world_size=world) == expected
