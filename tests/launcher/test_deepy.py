@@ -10,6 +10,12 @@ def test_dry_run_20b_plan():
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = proc.stdout
     assert "parameters: 20,554,567,680 (20554567680)" in out
+    # The recipe that fails in GPT-NeoX: both files set the paths, the later one wins, visibly.
+    assert ("override vocab_file: './20B_checkpoints/20B_tokenizer.json' (configs/20B.yml) -> "
+            "'data/20B_tokenizer.json' (configs/local_setup.yml)") in out
+    overridden = [line.split(":")[0] for line in out.splitlines() if line.startswith("override ")]
+    assert sorted(overridden) == sorted(f"override {k}" for k in (
+        "data_path", "vocab_file", "save", "load", "tensorboard_dir", "log_dir"))
     assert "parallel layout: tensor 2 x pipeline 4 x data 12 = world size 96" in out
     assert "batch: micro 4 x grad-accum 32 x data 12 = 1536 sequences (3,145,728 tokens) per step" in out
     assert "fits a A100-40GB" in out and "launching" not in out
