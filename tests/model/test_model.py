@@ -29,9 +29,12 @@ def hf_twin(m: ModelConfig, ours: GPTModel, vocab: int):
     return to_hf_model(m, ours, vocab, 4 * m.hidden_size, m.seq_length, "eager").eval()
 
 
-@pytest.mark.parametrize("parallel, fused_gelu, untied", [(True, True, True), (False, False, True), (True, False, False)])
-def test_logits_match_transformers(parallel, fused_gelu, untied):
-    m = tiny(gpt_j_residual=parallel, bias_gelu_fusion=fused_gelu, no_weight_tying=untied)
+@pytest.mark.parametrize("parallel, fused_gelu, untied, rotary", [
+    (True, True, True, {}), (False, False, True, {}), (True, False, False, {}),
+    (True, True, True, {"rotary_emb_base": 500, "rotary_pct": 0.5}),
+])
+def test_logits_match_transformers(parallel, fused_gelu, untied, rotary):
+    m = tiny(gpt_j_residual=parallel, bias_gelu_fusion=fused_gelu, no_weight_tying=untied, **rotary)
     ours = GPTModel(layer_defs(m, 128, 256, 32, seed=3)).eval()
     hf = hf_twin(m, ours, 128)
     tokens = torch.randint(0, 128, (2, 32), generator=torch.Generator().manual_seed(0))
@@ -75,6 +78,36 @@ def test_init_statistics():
     again = GPTModel(layer_defs(m, 512, 1024, 32, seed=0))
     assert torch.equal(again.layers[3].mlp.dense_h_to_4h.weight, model.layers[3].mlp.dense_h_to_4h.weight)
     assert not torch.equal(model.layers[1].mlp.dense_h_to_4h.weight, model.layers[2].mlp.dense_h_to_4h.weight)
+
+
+def test_normal_and_scaled_normal_init():
+    m = tiny(hidden_size=256, num_layers=8, init_method="normal", output_layer_init_method="scaled_normal",
+             init_method_std=0.02)
+    block = GPTModel(layer_defs(m, 512, 1024, 32, seed=0)).layers[1]
+    assert block.mlp.dense_h_to_4h.weight.std().item() == pytest.approx(0.02, rel=0.02)
+    assert block.mlp.dense_4h_to_h.weight.std().item() == pytest.approx(0.02 / math.sqrt(2 * 8), rel=0.02)
+
+
+def test_rmsnorm_is_gpt_neox_formula():
+    """GPT-NeoX's RMSNorm is w * x / (rms(x) + eps) with no bias; torch's fused rms_norm puts eps
+    inside the root, which for eps 1e-8 and activations of RMS ~1 differs by ~1e-8 relative."""
+    from megatron.parallel.layers import RMSNorm
+
+    m = tiny(norm="rmsnorm")
+    model = GPTModel(layer_defs(m, 128, 256, 32, seed=0))
+    norms = [mod for mod in model.modules() if isinstance(mod, RMSNorm)]
+    assert len(norms) == 2 * m.num_layers + 1
+    assert not any("norm.bias" in name or "layernorm.bias" in name for name, _ in model.named_parameters())
+    tokens = torch.randint(0, 128, (2, 32), generator=torch.Generator().manual_seed(1))
+    loss = torch.nn.functional.cross_entropy(model(tokens).view(-1, 128), tokens.view(-1))
+    assert loss.item() == pytest.approx(math.log(128), rel=0.1)
+    norm = norms[0].double()
+    with torch.no_grad():
+        norm.weight.copy_(torch.linspace(0.5, 1.5, m.hidden_size))
+    x = torch.randn(2, 5, m.hidden_size, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 3
+    rms = x.norm(2, dim=-1, keepdim=True) * m.hidden_size ** -0.5
+    expected = norm.weight * x / (rms + m.rms_norm_epsilon)
+    torch.testing.assert_close(norm(x), expected, rtol=1e-7, atol=1e-7)
 
 
 def test_activation_checkpointing_same_gradients():
