@@ -120,3 +120,16 @@ def test_activation_checkpointing_same_gradients():
         grads.append([p.grad.clone() for p in model.parameters()])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name, layers, hidden", [("125M", 12, 768), ("350M", 24, 1024), ("1-3B", 24, 2048)])
+def test_small_configs_plan_exact_sizes(name, layers, hidden):
+    """Per layer 12h^2 + 13h (QKV, dense, two MLP matrices, their biases, two norms), untied
+    embeddings of the padded vocabulary, a final norm: GPT-NeoX's count."""
+    cfg = load_config([str(ROOT / f"configs/{name}.yml"), str(ROOT / "configs/local_setup.yml")],
+                      require_files=False)
+    assert (cfg.model.num_layers, cfg.model.hidden_size) == (layers, hidden)
+    vocab = cfg.derived.padded_vocab_size
+    assert vocab == 50304
+    expected = layers * (12 * hidden**2 + 13 * hidden) + 2 * vocab * hidden + 2 * hidden
+    assert count_parameters(meta_model(cfg)) == expected
