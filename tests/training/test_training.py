@@ -82,6 +82,19 @@ def test_resume_restores_dropout_rng_and_loss_scale(tiny, tmp_path):
     assert losses(tmp_path / "plain" / "logs") != [r["lm_loss"] for r in full]  # dropout did act
 
 
+def test_resume_with_larger_train_iters_continues_the_same_samples(tiny, tmp_path):
+    """Sample order depends on the seed and the data, not on train_iters: 4 steps, then the same
+    run extended to 8, equals 8 steps in one go (the LR schedule is pinned by lr_decay_iters)."""
+    kw = dict(lr_decay_iters=8, eval_interval=100, checkpoint_factor=None)
+    assert run_cli("train.py", tiny("full", train_iters=8, **kw)).returncode == 0
+    ckpt = str(tmp_path / "grow" / "ckpt")
+    assert run_cli("train.py", tiny("grow", train_iters=4, **kw)).returncode == 0
+    proc = run_cli("train.py", tiny("grow", train_iters=8, load=ckpt, **kw))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "at iteration 4" in proc.stdout
+    assert losses(tmp_path / "grow" / "logs") == losses(tmp_path / "full" / "logs")
+
+
 def test_finetune_loads_weights_only(tiny, tmp_path):
     assert run_cli("train.py", tiny("base", train_iters=4)).returncode == 0
     proc = run_cli("train.py", tiny("ft", load=str(tmp_path / "base" / "ckpt"), finetune=True, train_iters=3))
