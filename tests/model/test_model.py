@@ -133,3 +133,15 @@ def test_small_configs_plan_exact_sizes(name, layers, hidden):
     assert vocab == 50304
     expected = layers * (12 * hidden**2 + 13 * hidden) + 2 * vocab * hidden + 2 * hidden
     assert count_parameters(meta_model(cfg)) == expected
+
+
+def test_dropout_acts_in_training_only():
+    tokens = torch.randint(0, 128, (2, 32), generator=torch.Generator().manual_seed(1))
+    plain = GPTModel(layer_defs(tiny(), 128, 256, 32, seed=3)).eval()
+    dropped = GPTModel(layer_defs(tiny(hidden_dropout=0.3, attention_dropout=0.3), 128, 256, 32, seed=3))
+    with torch.no_grad():
+        reference = plain(tokens)
+        torch.testing.assert_close(dropped.eval()(tokens), reference, rtol=0, atol=0)
+        first, second = dropped.train()(tokens), dropped(tokens)
+    assert (first - reference).abs().max().item() > 0.01
+    assert (first - second).abs().max().item() > 0.01  # a fresh mask each call
