@@ -91,14 +91,16 @@ def test_tensor_parallel_checkpoint_files_and_resume(reference, tiny, tmp_path):
 
 
 @pytest.mark.slow
-def test_tied_embeddings_across_tensor_and_pipeline_ranks(tiny, tmp_path):
+@pytest.mark.parametrize("stage", [1, 0])
+def test_tied_embeddings_across_tensor_and_pipeline_ranks(tiny, tmp_path, stage):
     """The input embedding doubles as the output layer on the last stage (DeepSpeed's tied
-    layer): TP2 x PP2 trains it exactly as one process does."""
-    tied = dict(REFERENCE, no_weight_tying=False)
+    layer): TP2 x PP2 trains it exactly as one process does, and counts it once in the gradient
+    norm (ZeRO 1: DeepSpeed's norm; ZeRO 0: clip_in_optimizer's)."""
+    tied = dict(REFERENCE, no_weight_tying=False, zero_optimization={"stage": stage})
     assert run_cli("train.py", tiny("ref", **tied)).returncode == 0
     proc = run_cli("deepy.py", "train.py", tiny("tied", **dict(tied, model_parallel_size=2, pipe_parallel_size=2,
                                                             make_vocab_size_divisible_by=256, num_gpus=4,
-                                                            master_port=29941)))
+                                                            master_port=29941 + stage)))
     assert proc.returncode == 0, proc.stderr[-3000:]
     for (loss, norm), (ref_loss, ref_norm) in zip(trajectory(tmp_path / "tied" / "logs"), trajectory(tmp_path / "ref" / "logs")):
         assert loss == pytest.approx(ref_loss, rel=1e-5) and norm == pytest.approx(ref_norm, rel=1e-5)
