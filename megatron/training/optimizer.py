@@ -11,6 +11,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.nn.utils import clip_grads_with_norm_, get_total_norm
 
 from megatron.config.schema import OptimizerConfig
 
@@ -64,16 +65,12 @@ def clip_in_optimizer(optimizer: torch.optim.Optimizer, max_norm: float, replica
         counted = [p.grad for p in params
                    if getattr(p, "model_parallel", True) and not getattr(p, "ds_pipe_replicated", False)]
         # Every rank of the replica joins the all-reduce, with or without gradients of its own.
-        squares = torch.zeros((), dtype=torch.float32, device=everything[0].device)
-        for grad in counted:
-            squares += torch.linalg.vector_norm(grad, dtype=torch.float32).square()
+        squares = get_total_norm(counted).to(everything[0].device, torch.float32).square()
         if replica_group is not None and dist.get_world_size(replica_group) > 1:
             dist.all_reduce(squares, group=replica_group)
         norm = squares.sqrt()
         if max_norm > 0:
-            coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
-            for p in params:
-                p.grad.mul_(coef.to(p.grad.dtype))
+            clip_grads_with_norm_(params, max_norm, norm)
         opt._global_grad_norm = float(norm)
 
     optimizer.register_step_pre_hook(clip)
