@@ -104,7 +104,7 @@ def torch_adamw(model: nn.Module, cfg) -> torch.optim.Optimizer:
 def our_model(cfg, dtype: torch.dtype) -> gpt.GPTModel:
     d = cfg.derived
     defs = gpt.layer_defs(cfg.model, d.padded_vocab_size, d.intermediate_size, d.max_position_embeddings,
-                          cfg.training.seed)
+                          cfg.training.seed, vocab_size=d.vocab_size)
     return gpt.GPTModel(defs).to(dtype).train()
 
 

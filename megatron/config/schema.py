@@ -203,8 +203,13 @@ class CheckpointConfig:
     load: str | None = doc(None, "Directory to resume from (its `latest` tag).")
     checkpoint_factor: int | None = doc(None, "Save every this many iterations (and at the end).")
     keep_last_n_checkpoints: int | None = doc(None, "Delete older checkpoints beyond this count.")
-    finetune: bool = doc(False, "Load weights only and start at iteration 0.")
+    finetune: bool = doc(
+        False, "Load weights only and start at iteration 0; the checkpoint may have any tensor/pipeline "
+        "layout, ours or GPT-NeoX's (docs/checkpoints.md).")
     no_load_optim: bool = doc(False, "Resume weights but not optimizer state.")
+    allow_unsafe_checkpoint_load: bool = doc(
+        False, "Checkpoint files are read as data (tensors, NumPy arrays, plain values); a file that needs "
+        "other Python objects unpickled is refused unless this is true (unpickling can run code).")
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,11 @@
     L+3      FinalNorm
     L+4      OutputLayer          hidden -> logits [b, s, padded_vocab]
 
+The embedding and output matrices have `padded_vocab` rows (the tokenizer's `vocab_size` rounded
+up for tensor parallelism). When `layer_defs` is given the real `vocab_size`, the padding rows
+start at zero and their logits are -inf, so they take no part in the softmax, the loss or
+sampling: every padding (hence every tensor-parallel size) computes the same model.
+
 The numbering is GPT-NeoX's pipeline layer list, so DeepSpeed writes the same
 `layer_XX-model_YY-model_states.pt` files (FACTS.md section 4). The same list is run plainly by
 `GPTModel` or handed to DeepSpeed's pipeline engine by `megatron.parallel.pipeline`; there is one
@@ -33,18 +38,39 @@ from megatron.parallel.layers import ColumnParallelLinear, VocabParallelEmbeddin
 from megatron.parallel.random import checkpoint_context, tp_rng
 
 
+def mask_padded_vocab(logits: torch.Tensor, vocab_size: int | None, start: int) -> torch.Tensor:
+    """Set, in place, the logits of vocabulary ids >= vocab_size to -inf; this rank's columns are
+    the global ids [start, start + logits.shape[-1]). None: no padding to exclude.
+
+    Why: padding rows exist only to make tensor-parallel shards equal; if they took part in the
+    softmax, the model (and its loss) would depend on the padding, i.e. on the TP size. -inf gives
+    them probability 0 and, through the fill, gradient 0. Only the padded columns are written;
+    autograd allows it (the linear's backward saves its inputs, not its output)."""
+    if vocab_size is None:
+        return logits
+    first = max(vocab_size - start, 0)  # local index of the first padded column
+    if first < logits.shape[-1]:
+        logits[..., first:] = float("-inf")
+    return logits
+
+
 class Embedding(nn.Module):
     """Token (+ learned position) embedding. The vocabulary is split over tensor-parallel ranks;
-    with sequence parallelism the output leaves as this rank's slice of the sequence."""
+    with sequence parallelism the output leaves as this rank's slice of the sequence.
+
+    `vocab_size` (the real vocabulary, None: no padding) is kept for `tied_output`; only its rows
+    are drawn at init, the padding rows start at zero."""
 
     def __init__(
         self, model: ModelConfig, padded_vocab: int, max_positions: int, gen: torch.Generator,
-        device: Device = "cpu", tp: TensorParallel = SINGLE,
+        device: Device = "cpu", tp: TensorParallel = SINGLE, vocab_size: int | None = None,
     ) -> None:
         super().__init__()
         self.tp = tp
+        self.vocab_size = vocab_size
         std = init_std(model.init_method, model)
-        self.word_embeddings = VocabParallelEmbedding(padded_vocab, model.hidden_size, std, gen, device, tp)
+        self.word_embeddings = VocabParallelEmbedding(padded_vocab, model.hidden_size, std, gen, device, tp,
+                                                      init_rows=vocab_size)
         self.position_embeddings = None
         if model.pos_emb == "learned":
             self.position_embeddings = skip_init(nn.Embedding, max_positions, model.hidden_size, device=device)
@@ -74,23 +100,29 @@ class FinalNorm(nn.Module):
 
 
 class OutputLayer(nn.Module):
-    """hidden -> logits, split over the vocabulary on tensor-parallel ranks (never gathered)."""
+    """hidden -> logits, split over the vocabulary on tensor-parallel ranks (never gathered).
+    Logits of ids >= vocab_size (the padding) are -inf; only the real rows are drawn at init."""
 
     def __init__(
         self, model: ModelConfig, padded_vocab: int, gen: torch.Generator, device: Device = "cpu",
-        tp: TensorParallel = SINGLE,
+        tp: TensorParallel = SINGLE, vocab_size: int | None = None,
     ) -> None:
         super().__init__()
         std = init_std(model.init_method, model)
-        self.final_linear = ColumnParallelLinear(model.hidden_size, padded_vocab, std, gen, device, bias=False, tp=tp)
+        self.final_linear = ColumnParallelLinear(model.hidden_size, padded_vocab, std, gen, device, bias=False, tp=tp,
+                                                 init_rows=vocab_size)
+        self.vocab_size = vocab_size
+        self.start = tp.rank * (padded_vocab // tp.size)  # global id of this rank's first column
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.final_linear(x)
+        return mask_padded_vocab(self.final_linear(x), self.vocab_size, self.start)
 
 
 def tied_output(embedding: Embedding, x: torch.Tensor) -> torch.Tensor:
-    """The output layer when weights are tied: logits from the input embedding matrix."""
-    return F.linear(enter_tp(x, embedding.tp), embedding.word_embeddings.weight)
+    """The output layer when weights are tied: logits from the input embedding matrix, padded
+    ids -inf as in `OutputLayer`."""
+    logits = F.linear(enter_tp(x, embedding.tp), embedding.word_embeddings.weight)
+    return mask_padded_vocab(logits, embedding.vocab_size, embedding.word_embeddings.start)
 
 
 def gpt_neox_layer_slot(x: torch.Tensor) -> torch.Tensor:
@@ -115,15 +147,20 @@ class LayerDef:
 
 def layer_defs(
     model: ModelConfig, padded_vocab: int, ffn: int, max_positions: int, seed: int,
-    device: Device = "cpu", tp: TensorParallel = SINGLE,
+    device: Device = "cpu", tp: TensorParallel = SINGLE, vocab_size: int | None = None,
 ) -> list[LayerDef]:
-    """The architecture as an ordered list; every weighted layer gets its own seeded generator."""
+    """The architecture as an ordered list; every weighted layer gets its own seeded generator.
+
+    vocab_size: the tokenizer's real vocabulary (<= padded_vocab). Logits of ids >= vocab_size
+    are -inf and those rows start at zero; None treats all padded_vocab rows as real."""
+    if vocab_size is not None and not 1 <= vocab_size <= padded_vocab:
+        raise ValueError(f"vocab_size {vocab_size} must be in [1, padded_vocab {padded_vocab}]")
     L = model.num_layers
     tie = not model.no_weight_tying
     defs = [LayerDef(
         "embedding", Embedding,
         dict(model=model, padded_vocab=padded_vocab, max_positions=max_positions,
-             gen=layer_generator(seed, 0), device=device, tp=tp),
+             gen=layer_generator(seed, 0), device=device, tp=tp, vocab_size=vocab_size),
         tied_key="embed" if tie else None,
     ), LayerDef("slot", gpt_neox_layer_slot)]
     for i in range(L):
@@ -135,7 +172,8 @@ def layer_defs(
         defs.append(LayerDef("output", Embedding, defs[0].kwargs, tied_key="embed", forward_fn=tied_output))
     else:
         defs.append(LayerDef("output", OutputLayer, dict(
-            model=model, padded_vocab=padded_vocab, gen=layer_generator(seed, L + 4), device=device, tp=tp)))
+            model=model, padded_vocab=padded_vocab, gen=layer_generator(seed, L + 4), device=device, tp=tp,
+            vocab_size=vocab_size)))
     return defs
 
 

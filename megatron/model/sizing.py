@@ -35,7 +35,7 @@ def meta_model(cfg: NeoXConfig) -> GPTModel:
     if d.padded_vocab_size is None:
         raise ValueError("the vocabulary size is unknown: set vocab_size or a tokenizer")
     defs = layer_defs(cfg.model, d.padded_vocab_size, d.intermediate_size, d.max_position_embeddings,
-                      cfg.training.seed, device="meta")
+                      cfg.training.seed, device="meta", vocab_size=d.vocab_size)
     return GPTModel(defs)
 
 

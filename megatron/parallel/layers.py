@@ -1,7 +1,9 @@
 """Tensor-parallel building blocks. With one rank each is exactly its dense twin.
 
 Initialisation draws the FULL weight from the layer's generator on every rank and keeps this
-rank's slice, so any tensor-parallel layout starts from the same model as one process.
+rank's slice, so any tensor-parallel layout starts from the same model as one process. Vocabulary
+matrices draw only their real rows (`init_rows`): padding rows, whose number depends on the
+tensor-parallel size, start at zero and change no draw.
 
 Sharded parameters carry `model_parallel = True` (DeepSpeed counts them once per rank in the
 gradient norm); replicated ones carry it only on tensor rank 0, so they are counted once per
@@ -20,13 +22,20 @@ from megatron.parallel.groups import SINGLE, TensorParallel
 
 
 def _sharded(full_shape: tuple[int, ...], dim: int, tp: TensorParallel, std: float | None,
-             gen: torch.Generator | None, device: torch.device | str) -> nn.Parameter:
+             gen: torch.Generator | None, device: torch.device | str, init_rows: int | None = None) -> nn.Parameter:
+    """This rank's slice of a weight drawn whole. With `init_rows`, only the first `init_rows`
+    entries along `dim` (a vocabulary's real rows) are drawn and the padding starts at zero, so
+    the real rows, and whatever the generator draws next, do not depend on the padding."""
     shape = list(full_shape)
     shape[dim] //= tp.size
     param = nn.Parameter(torch.empty(shape, device=device))
     if std is not None and param.device.type != "meta":
-        full = torch.empty(full_shape)
-        normal_(full, std, gen)
+        if init_rows is None:
+            full = torch.empty(full_shape)
+            normal_(full, std, gen)
+        else:
+            full = torch.zeros(full_shape)
+            normal_(full.narrow(dim, 0, init_rows), std, gen)
         param.data.copy_(full.chunk(tp.size, dim=dim)[tp.rank])
     param.tp_sharded = True
     return param
@@ -41,13 +50,16 @@ def _replicated(n: int, device: torch.device | str, value: float) -> nn.Paramete
 
 
 class ColumnParallelLinear(nn.Module):
-    """y = x W^T + b with W's rows (outputs) split over ranks; output stays split."""
+    """y = x W^T + b with W's rows (outputs) split over ranks; output stays split.
+
+    `init_rows`: draw only the first rows of W (the rest start at zero), see `_sharded`."""
 
     def __init__(self, n_in: int, n_out: int, std: float, gen: torch.Generator, device: torch.device | str = "cpu",
-                 bias: bool = True, tp: TensorParallel = SINGLE, gather_output: bool = False) -> None:
+                 bias: bool = True, tp: TensorParallel = SINGLE, gather_output: bool = False,
+                 init_rows: int | None = None) -> None:
         super().__init__()
         self.tp, self.gather_output = tp, gather_output
-        self.weight = _sharded((n_out, n_in), 0, tp, std, gen, device)
+        self.weight = _sharded((n_out, n_in), 0, tp, std, gen, device, init_rows)
         self.bias = None
         if bias:
             self.bias = _sharded((n_out,), 0, tp, None, None, device)
@@ -85,13 +97,15 @@ class RowParallelLinear(nn.Module):
 
 class VocabParallelEmbedding(nn.Module):
     """Embedding whose rows (vocabulary) are split over ranks; each rank looks up its own rows
-    and the partial results are summed (tokens outside a rank's range contribute zeros)."""
+    and the partial results are summed (tokens outside a rank's range contribute zeros).
+
+    `init_rows`: draw only the first rows (the real vocabulary; padding starts at zero)."""
 
     def __init__(self, vocab: int, dim: int, std: float, gen: torch.Generator, device: torch.device | str = "cpu",
-                 tp: TensorParallel = SINGLE) -> None:
+                 tp: TensorParallel = SINGLE, init_rows: int | None = None) -> None:
         super().__init__()
         self.tp = tp
-        self.weight = _sharded((vocab, dim), 0, tp, std, gen, device)
+        self.weight = _sharded((vocab, dim), 0, tp, std, gen, device, init_rows)
         self.start = tp.rank * (vocab // tp.size)
         self.end = self.start + vocab // tp.size
 
@@ -127,7 +141,12 @@ class RMSNorm(nn.RMSNorm):
 
 
 class _VocabParallelCE(torch.autograd.Function):
-    """Cross-entropy over vocabulary-split logits; no rank ever holds the full logits."""
+    """Cross-entropy over vocabulary-split logits; no rank ever holds the full logits.
+
+    Logits may be -inf (padded vocabulary columns, see `megatron.model.gpt.mask_padded_vocab`):
+    they get probability 0 and gradient 0. A rank whose columns are all -inf has a local max of
+    -inf, but the all-reduced max is finite as long as one column anywhere is real, so nothing
+    computes -inf - (-inf)."""
 
     @staticmethod
     def forward(ctx, logits, labels, tp, start):
