@@ -23,13 +23,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megatron.checkpointing.errors import CheckpointError
+from megatron.checkpointing.loading import LoadPlan
+from megatron.checkpointing.reader import resolve_tag
 from megatron.parallel import random as tp_random
 
 TAG_PATTERN = re.compile(r"^global_step(\d+)$")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used; the message names the path and the problem."""
 
 
 def tag_for(iteration: int) -> str:
@@ -63,9 +62,13 @@ def _barrier() -> None:
 
 
 def save_checkpoint(engine: Any, save_dir: str, iteration: int, consumed_samples: int,
-                    config_files: tuple[str, ...], keep_last_n: int | None) -> Path:
+                    config_files: tuple[str, ...], keep_last_n: int | None,
+                    description: dict[str, Any] | None = None) -> Path:
+    """`description` (reader.describe) marks the files as ours and records the architecture,
+    so tools and other layouts can read them without the YAML files."""
     tag = tag_for(iteration)
-    client = {"iteration": iteration, "consumed_samples": consumed_samples, "rng": rng_state()}
+    client = {**(description or {}), "iteration": iteration, "consumed_samples": consumed_samples,
+              "rng": rng_state()}
     engine.save_checkpoint(save_dir, tag=tag, client_state=client, save_latest=False)
     path = Path(save_dir) / tag
     if _rank() == 0:
@@ -102,13 +105,9 @@ def prune(save_dir: str, keep_last_n: int) -> None:
 
 
 def latest_tag(load_dir: str) -> str | None:
-    marker = Path(load_dir) / "latest"
-    if not marker.is_file():
+    if not (Path(load_dir) / "latest").is_file():
         return None
-    tag = marker.read_text().strip()
-    if not (Path(load_dir) / tag).is_dir():
-        raise CheckpointError(f"{marker} names {tag!r} but {Path(load_dir) / tag} does not exist")
-    return tag
+    return resolve_tag(Path(load_dir), None)
 
 
 def check_files(path: Path) -> None:
@@ -121,26 +120,31 @@ def check_files(path: Path) -> None:
             raise CheckpointError(f"{f}: not a complete PyTorch checkpoint file (truncated or corrupt: {err})") from None
 
 
-def load_checkpoint(engine: Any, load_dir: str, finetune: bool, load_optim: bool) -> tuple[int, int] | None:
-    """Resume from `load_dir`'s latest tag. Returns (iteration, consumed_samples), or None when
-    there is nothing to load. `finetune` loads weights only and restarts at iteration 0."""
-    tag = latest_tag(load_dir)
-    if tag is None:
+def load_checkpoint(engine: Any, plan: LoadPlan | None, finetune: bool, load_optim: bool,
+                    samples_per_iteration: int) -> tuple[int, int] | None:
+    """Resume as `plan` says (megatron/checkpointing/loading.py). Returns (iteration,
+    consumed_samples), or None when there is nothing to load. `finetune` restarts at iteration 0.
+    A resharded plan has put the weights into the module already; what is left is the position."""
+    if plan is None:
         return None
-    check_files(Path(load_dir) / tag)
+    reader = plan.reader
+    if not plan.native:
+        if finetune:
+            return 0, 0
+        # GPT-NeoX's client state has no sample count: every step consumed one global batch.
+        consumed = reader.client.get("consumed_samples", reader.iteration * samples_per_iteration)
+        return reader.iteration, int(consumed)
+    check_files(reader.path)
     try:
         path, client = engine.load_checkpoint(
-            load_dir, tag=tag, load_module_only=finetune,
-            load_optimizer_states=load_optim and not finetune,
-            load_lr_scheduler_states=not finetune,
+            str(reader.root), tag=reader.tag, load_module_only=False,
+            load_optimizer_states=load_optim, load_lr_scheduler_states=True,
         )
     except (RuntimeError, OSError, EOFError, KeyError, ValueError) as err:
-        raise CheckpointError(f"cannot load checkpoint {Path(load_dir) / tag}: {err}") from err
+        raise CheckpointError(f"cannot load checkpoint {reader.path}: {err}") from err
     if path is None:
-        raise CheckpointError(f"DeepSpeed found no loadable checkpoint in {Path(load_dir) / tag}")
-    if finetune:
-        return 0, 0
+        raise CheckpointError(f"DeepSpeed found no loadable checkpoint in {reader.path}")
     if client is None or "iteration" not in client:
-        raise CheckpointError(f"{Path(load_dir) / tag}: no training state (iteration) in the engine file")
+        raise CheckpointError(f"{reader.path}: no training state (iteration) in the engine file")
     set_rng_state(client["rng"])
     return int(client["iteration"]), int(client["consumed_samples"])

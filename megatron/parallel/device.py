@@ -57,3 +57,17 @@ def keep_freed_host_memory() -> bool:
     libc = ctypes.CDLL("libc.so.6")
     m_trim_threshold, m_mmap_max = -1, -4  # <malloc.h>
     return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
+
+
+def allow_fp16_on_cpu() -> None:
+    """Let DeepSpeed train in fp16 on any CPU.
+
+    DeepSpeed's CPU accelerator reports fp16 as unsupported unless oneDNN has native fp16
+    kernels (AVX512-FP16 or AMX), and the engine then refuses `fp16: {enabled: true}`. PyTorch
+    computes fp16 on every CPU (through fp32 where there is no native kernel), so the loss
+    scaling and fp16 checkpoints that GPU runs use stay testable on any machine, only slower."""
+    from deepspeed.accelerator import get_accelerator
+
+    accelerator = get_accelerator()
+    if accelerator.device_name() == "cpu":
+        accelerator.is_fp16_supported = lambda: True

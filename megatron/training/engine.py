@@ -14,6 +14,7 @@ import deepspeed
 import torch
 import torch.distributed as dist
 
+from megatron.checkpointing.loading import LoadPlan, load_weights, plan_load
 from megatron.config import NeoXConfig, deepspeed_config
 from megatron.config.deepspeed import framework_clips
 from megatron.parallel.device import local_device
@@ -100,11 +101,12 @@ class PlainStepper(Stepper):
         return self._mean_over_data_parallel(losses)
 
 
-def build_engine(cfg: NeoXConfig, groups: ParallelGroups) -> tuple[Stepper, AnnealingLR]:
-    """Model on this rank's device, optimizer, LR schedule, DeepSpeed engine."""
+def build_engine(cfg: NeoXConfig, groups: ParallelGroups) -> tuple[Stepper, AnnealingLR, LoadPlan | None]:
+    """Model on this rank's device (with a checkpoint's weights when `load` is resharded, see
+    megatron/checkpointing/loading.py), optimizer, LR schedule, DeepSpeed engine."""
     d = cfg.derived
     defs = layer_defs(cfg.model, d.padded_vocab_size, d.intermediate_size, d.max_position_embeddings,
-                      cfg.training.seed, device=local_device(), tp=groups.tensor)
+                      cfg.training.seed, device=local_device(), tp=groups.tensor, vocab_size=d.vocab_size)
     pipelined = cfg.parallel.pipe_parallel_size >= 1
     loss_fn = loss_function(groups.tensor, cfg.training.compile_loss)
     if pipelined:
@@ -112,6 +114,11 @@ def build_engine(cfg: NeoXConfig, groups: ParallelGroups) -> tuple[Stepper, Anne
     else:
         ckpt = cfg.training.checkpoint_num_layers if cfg.training.checkpoint_activations else 0
         module = GPTModel(defs, checkpoint_num_layers=ckpt)
+    ck = cfg.checkpoint
+    plan = plan_load(ck.load, ck.finetune, not ck.no_load_optim, cfg.parallel.model_parallel_size,
+                     cfg.parallel.pipe_parallel_size, d.data_parallel_size, ck.allow_unsafe_checkpoint_load)
+    if plan is not None and not plan.native:
+        load_weights(module, plan.reader, cfg.model, groups.tensor)  # before DeepSpeed copies them
     mark_for_grad_norm(module, groups.tensor)
     optimizer = build_optimizer(module, cfg.optimizer, d.lr)
     if framework_clips(cfg):
@@ -126,4 +133,4 @@ def build_engine(cfg: NeoXConfig, groups: ParallelGroups) -> tuple[Stepper, Anne
         mpu=None if pipelined else groups,
     )
     stepper_cls = PipelineStepper if pipelined else PlainStepper
-    return stepper_cls(engine, d.gradient_accumulation_steps, groups, loss_fn), scheduler
+    return stepper_cls(engine, d.gradient_accumulation_steps, groups, loss_fn), scheduler, plan

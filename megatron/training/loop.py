@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch.distributed as dist
 
 from megatron.checkpointing.checkpoint import load_checkpoint, save_checkpoint
+from megatron.checkpointing.reader import describe
 from megatron.config import NeoXConfig
 from megatron.data.loader import eval_batches, micro_batches
 from megatron.training.setup import RunState, build_run
@@ -69,10 +70,12 @@ def train(run: RunState) -> list[float]:
     ck = cfg.checkpoint
     iteration, consumed = 0, 0
     if ck.load:
-        resumed = load_checkpoint(run.stepper.engine, ck.load, ck.finetune, not ck.no_load_optim)
+        resumed = load_checkpoint(run.stepper.engine, run.load_plan, ck.finetune, not ck.no_load_optim,
+                                  d.train_batch_size)
         if resumed is not None:
             iteration, consumed = resumed
-            run.print(f"resumed from {ck.load} at iteration {iteration} ({consumed} samples consumed)")
+            run.print(f"resumed from {ck.load} at iteration {iteration} ({consumed} samples consumed; "
+                      f"{run.load_plan.why})")
         else:
             run.print(f"no checkpoint in {ck.load}: starting from scratch")
     data = micro_batches(run.train, consumed, d.micro_batch_size, d.data_parallel_size, run.dp_rank)
@@ -81,7 +84,7 @@ def train(run: RunState) -> list[float]:
     def save() -> None:
         nonlocal last_saved
         path = save_checkpoint(run.stepper.engine, ck.save, iteration, consumed, cfg.config_files,
-                               ck.keep_last_n_checkpoints)
+                               ck.keep_last_n_checkpoints, describe(cfg.model, d.vocab_size, d.padded_vocab_size))
         last_saved = iteration
         run.print(f"saved checkpoint {path}")
 

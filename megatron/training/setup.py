@@ -15,11 +15,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megatron.checkpointing.loading import LoadPlan
 from megatron.config import ConfigError, NeoXConfig, load_config
 from megatron.config.validate import check_launchable
 from megatron.data.datasets import build_datasets, build_streaming_datasets
 from megatron.logging import MetricsLogger
-from megatron.parallel.device import default_backend, device_type, keep_freed_host_memory, local_device
+from megatron.parallel.device import (allow_fp16_on_cpu, default_backend, device_type, keep_freed_host_memory,
+                                      local_device)
 from megatron.parallel.groups import ParallelGroups
 from megatron.parallel.random import seed_tp_rng
 from megatron.tokenizer import AbstractTokenizer, build_tokenizer
@@ -88,6 +90,7 @@ class RunState:
     dp_rank: int
     flops_per_token: int
     peak_flops: float
+    load_plan: LoadPlan | None  # what `load` holds and how it is loaded
 
     def print(self, text: str) -> None:
         if not dist.is_initialized() or dist.get_rank() == 0:
@@ -137,6 +140,7 @@ def build_run(cfg: NeoXConfig) -> RunState:
     device = local_device()
     if device.type == "cpu":  # activations live in host memory only on the CPU
         keep_freed_host_memory()
+        allow_fp16_on_cpu()
     if cfg.training.deterministic:
         torch.use_deterministic_algorithms(True)
     seed_everything(cfg.training.seed)
@@ -146,7 +150,7 @@ def build_run(cfg: NeoXConfig) -> RunState:
     groups = ParallelGroups(max(par.pipe_parallel_size, 1), par.model_parallel_size, d.data_parallel_size,
                             par.sequence_parallel)
     seed_tp_rng(cfg.training.seed, groups.tp_rank)
-    stepper, scheduler = build_engine(cfg, groups)
+    stepper, scheduler, load_plan = build_engine(cfg, groups)
     dp_rank = groups.dp_rank
     logger = MetricsLogger(
         cfg.logging.log_dir, cfg.logging.tensorboard_dir, cfg.logging.use_wandb,
@@ -156,4 +160,4 @@ def build_run(cfg: NeoXConfig) -> RunState:
     fpt = flops_per_token(cfg.model.num_layers, cfg.model.hidden_size, cfg.model.seq_length,
                           d.padded_vocab_size, d.intermediate_size)
     peak = device_peak_flops(device, DTYPES[d.precision])
-    return RunState(cfg, stepper, scheduler, train, valid, logger, dp_rank, fpt, peak)
+    return RunState(cfg, stepper, scheduler, train, valid, logger, dp_rank, fpt, peak, load_plan)

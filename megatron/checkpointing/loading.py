@@ -1,0 +1,124 @@
+"""Loading a checkpoint of any layout into this rank's part of the model.
+
+Two ways in, chosen once per run by `plan_load` (docs/checkpoints.md, "Loading"):
+- native: our own checkpoint of the same tensor, pipeline and data-parallel layout with its
+  optimizer state goes through DeepSpeed's `load_checkpoint` (weights, optimizer, scheduler,
+  RNG: a bit-exact resume);
+- resharded: anything else (another layout, GPT-NeoX's files, a converted Hugging Face model,
+  `finetune: true`) is read layer by layer (`CheckpointReader`), cut for this rank's tensor
+  slice and pipeline stage, and copied into the module BEFORE DeepSpeed wraps it, so fp32
+  master weights and ZeRO partitions start from the loaded values. Optimizer state starts
+  fresh; the run says so in one line.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from megatron.checkpointing import layout
+from megatron.checkpointing.errors import CheckpointError
+from megatron.checkpointing.reader import CheckpointReader
+from megatron.config import NeoXConfig
+from megatron.config.schema import ModelConfig
+from megatron.parallel.groups import TensorParallel
+
+# Fields that must agree between the checkpoint and the run for the weights to mean the same model.
+ARCHITECTURE = ("num_layers", "hidden_size", "num_attention_heads", "norm", "pos_emb", "rotary_pct",
+                "gpt_j_residual", "activation", "bias_gelu_fusion")
+
+
+@dataclass
+class LoadPlan:
+    reader: CheckpointReader
+    native: bool
+    why: str  # printed when the run starts from it
+
+
+def plan_load(load_dir: str | None, finetune: bool, load_optim: bool, tp: int, pp: int, dp: int,
+              allow_unsafe: bool = False) -> LoadPlan | None:
+    """None when there is nothing to load (no `load`, or a directory without `latest`)."""
+    if not load_dir or not (Path(load_dir) / "latest").is_file():
+        return None
+    reader = CheckpointReader(load_dir, allow_unsafe=allow_unsafe)
+    if finetune:
+        return LoadPlan(reader, False, "finetune: weights only, iteration 0")
+    same_layout = (reader.layout == ("pipe" if pp >= 1 else "plain") and reader.tp == tp
+                   and reader.pipe_parallel_size == pp)
+    stored_dp = int(reader.client.get("dp_world_size", dp))
+    # DeepSpeed 0.19 refuses ZeRO optimizer state saved at another data-parallel size.
+    if reader.is_ours and same_layout and stored_dp == dp and (reader.has_optimizer_state or not load_optim):
+        return LoadPlan(reader, True, "same layout: weights, optimizer, scheduler and RNG")
+    source = (f"{'this framework' if reader.is_ours else 'GPT-NeoX'}, {reader.layout} layout, "
+              f"TP {reader.tp} x PP {reader.pipe_parallel_size} x DP {stored_dp}")
+    missing = "no optimizer state in it" if not reader.has_optimizer_state else "optimizer state not resharded"
+    return LoadPlan(reader, False, f"resharded from {source} to TP {tp} x PP {pp} x DP {dp}: weights only "
+                                   f"({missing}; optimizer and RNG start fresh)")
+
+
+def local_layers(module: nn.Module) -> list[tuple[int, nn.Module]]:
+    """(layer number, module) for every weighted layer this rank holds, a tied embedding once."""
+    from deepspeed.pipe import PipelineModule
+
+    if isinstance(module, PipelineModule):
+        found = [(i + module._local_start, f) for i, f in enumerate(module.forward_funcs) if isinstance(f, nn.Module)]
+        for tied in module.tied_modules.values():  # on the last stage the tied output is layer 0's
+            if not any(m is tied for _, m in found):
+                found.append((0, tied))
+        return found
+    # GPTModel: step i of the layer list is layer number i; the tied output runs layer 0's module.
+    return [(number, module.layers[index]) for number, (index, fn) in enumerate(module.steps)
+            if index is not None and fn is None]
+
+
+def check_architecture(reader: CheckpointReader, model: ModelConfig) -> None:
+    try:
+        stored, _ = reader.model_config()
+    except CheckpointError:
+        stored = None  # nothing stored: shapes are still checked tensor by tensor
+    problems = [f"{k} {getattr(stored, k)!r} in the checkpoint, {getattr(model, k)!r} in the config"
+                for k in ARCHITECTURE if stored is not None and getattr(stored, k) != getattr(model, k)]
+    if not reader.tied and not model.no_weight_tying:
+        problems.append("the checkpoint has its own output layer but the config ties it to the embedding "
+                        "(set no_weight_tying: true)")
+    if reader.num_layers != model.num_layers:
+        problems.append(f"{reader.num_layers} transformer layers in the checkpoint, num_layers {model.num_layers}")
+    if problems:
+        raise CheckpointError(f"{reader.path} is another model: " + "; ".join(dict.fromkeys(problems)))
+
+
+@torch.no_grad()
+def load_weights(module: nn.Module, reader: CheckpointReader, model: ModelConfig, tp: TensorParallel) -> None:
+    """Copy the checkpoint's weights into this rank's layers (any stored layout)."""
+    check_architecture(reader, model)
+    output = layout.output_number(model.num_layers)
+    for number, layer in local_layers(module):
+        if number == output and reader.tied:  # untied run from a tied checkpoint
+            tensors = {"final_linear.weight": reader.layer(0, model.gpt_j_residual)["word_embeddings.weight"]}
+        else:
+            tensors = reader.layer(number, model.gpt_j_residual)
+        target = {k: v for k, v in layer.state_dict().items() if layout.canonical_key(k) is not None}
+        if set(target) != set(tensors):
+            raise CheckpointError(f"{reader.path}: layer {number} holds {sorted(tensors)}, the model expects "
+                                  f"{sorted(target)}")
+        for key, param in target.items():
+            full = tensors[key]
+            if key in layout.VOCAB:
+                full = layout.resize_vocab(key, full, param.shape[0] * tp.size)
+            shard = layout.split(key, full, tp.size)[tp.rank]
+            if shard.shape != param.shape:
+                raise CheckpointError(f"{reader.path}: layer {number} {key} has shape {list(full.shape)}, which "
+                                      f"gives {list(shard.shape)} per rank at TP {tp.size}; the model has "
+                                      f"{list(param.shape)}")
+            param.copy_(shard)
+
+
+def load_model_weights(model: nn.Module, load_dir: str, cfg: NeoXConfig, tp: TensorParallel) -> int:
+    """Load `load_dir`'s latest checkpoint, any layout, into a plain model; returns its iteration."""
+    reader = CheckpointReader(load_dir, allow_unsafe=cfg.checkpoint.allow_unsafe_checkpoint_load)
+    load_weights(model, reader, cfg.model, tp)
+    return reader.iteration
+
