@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from megatron.config import ConfigError, load_config
 from megatron.launcher.dry_run import report
@@ -24,7 +25,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("configs", nargs="+", help="YAML config files, merged left to right")
     args = parser.parse_args(argv)
     try:
-        cfg = load_config(args.configs, require_files=not args.dry_run)
+        # Data files are training's: generate.py and tools launched the same way do not read them.
+        needs_data = Path(args.script).name == "train.py" and not args.dry_run
+        cfg = load_config(args.configs, require_files=needs_data)
         for override in cfg.overrides:
             print(f"override {override}")
         if args.dry_run:

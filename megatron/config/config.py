@@ -17,6 +17,7 @@ from megatron.config.loader import ConfigError, Override, merge_files, split_int
 from megatron.config.schema import (
     CheckpointConfig,
     DataConfig,
+    GenerationConfig,
     LauncherConfig,
     LoggingConfig,
     LRConfig,
@@ -25,7 +26,8 @@ from megatron.config.schema import (
     ParallelConfig,
     TrainingConfig,
 )
-from megatron.config.validate import check_choices, check_files, check_model, check_precision, check_training
+from megatron.config.validate import (check_choices, check_files, check_generation, check_model, check_precision,
+                                      check_training)
 from megatron.parallel.device import gpus_on_this_node
 from megatron.tokenizer.tokenizer import pad_vocab_size
 
@@ -59,6 +61,7 @@ class NeoXConfig:
     checkpoint: CheckpointConfig
     logging: LoggingConfig
     launcher: LauncherConfig
+    generation: GenerationConfig
     derived: Derived
     config_files: tuple[str, ...]
     overrides: tuple[Override, ...]
@@ -67,7 +70,7 @@ class NeoXConfig:
         """Flat GPT-NeoX-style dict of every key (for wandb and the saved run config)."""
         flat: dict[str, Any] = {}
         for group in ("model", "parallel", "optimizer", "lr", "data", "training",
-                      "checkpoint", "logging", "launcher"):
+                      "checkpoint", "logging", "launcher", "generation"):
             flat.update(dataclasses.asdict(getattr(self, group)))
         flat.update({f"derived.{k}": v for k, v in dataclasses.asdict(self.derived).items()})
         return flat
@@ -193,6 +196,7 @@ def load_config(
     check_model(groups["model"], groups["parallel"], derived)
     check_precision(groups["optimizer"], groups["parallel"], derived)
     check_training(groups["training"], groups["parallel"])
+    check_generation(groups["generation"])
     return NeoXConfig(
         **groups, derived=derived,
         config_files=tuple(str(Path(p)) for p in paths), overrides=tuple(overrides),

@@ -235,6 +235,34 @@ class LauncherConfig:
     launcher: str = doc("pdsh", "Multi-node launcher name passed to DeepSpeed.")
 
 
+@dataclass(frozen=True)
+class GenerationConfig:
+    """What generate.py does (GPT-NeoX's text generation keys and defaults)."""
+
+    text_gen_type: str | None = doc(
+        None, "generate.py's mode: 'unconditional' (num_samples samples after an end-of-text token), "
+        "'input-file' (one completion per prompt of sample_input_file) or 'interactive' (prompts "
+        "typed at rank 0's terminal; 'stop' or end of input quits).")
+    sample_input_file: str | None = doc(
+        None, "input-file mode: the prompts, separated by prompt_end; blank prompts are skipped.")
+    sample_output_file: str = doc(
+        "samples.txt", "JSON lines written by generate.py, in prompt order: context (the prompt), text "
+        "(the completion, without the end-of-text token), length (its tokens), finished (true when it "
+        "ended with the end-of-text token).")
+    maximum_tokens: int = doc(
+        64, "New tokens per completion at most; fewer when the longest prompt of a batch plus them "
+        "exceeds max_position_embeddings.")
+    prompt_end: str = doc("\n", "Separator of the prompts in sample_input_file (one prompt a line by default).")
+    temperature: float = doc(0.0, "0: greedy (the most likely token); otherwise logits are divided by it, then sampled.")
+    top_k: int = doc(0, "Sample among the top_k most likely tokens only; 0: off.")
+    top_p: float = doc(
+        0.0, "Nucleus sampling: only the most likely tokens until their probability reaches top_p; 0: off.")
+    num_samples: int = doc(1, "unconditional mode: how many samples.")
+    recompute: bool = doc(
+        False, "Run the whole sequence through the model at every step instead of using the key/value "
+        "cache (same tokens, slower; GPT-NeoX's option).")
+
+
 GROUPS: dict[str, type] = {
     "model": ModelConfig,
     "parallel": ParallelConfig,
@@ -245,4 +273,5 @@ GROUPS: dict[str, type] = {
     "checkpoint": CheckpointConfig,
     "logging": LoggingConfig,
     "launcher": LauncherConfig,
+    "generation": GenerationConfig,
 }

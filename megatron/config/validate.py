@@ -6,7 +6,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from megatron.config.loader import ConfigError
-from megatron.config.schema import DataConfig, ModelConfig, OptimizerConfig, ParallelConfig, TrainingConfig
+from megatron.config.schema import (DataConfig, GenerationConfig, ModelConfig, OptimizerConfig, ParallelConfig,
+                                    TrainingConfig)
 
 if TYPE_CHECKING:
     from megatron.config.config import Derived, NeoXConfig
@@ -149,3 +150,21 @@ def check_launchable(cfg: "NeoXConfig") -> None:
     """Settings the planner accepts but a launch on this machine cannot use."""
     if cfg.launcher.num_nodes > 1 and not cfg.launcher.hostfile:
         raise ConfigError(f"num_nodes {cfg.launcher.num_nodes} needs a hostfile listing the nodes")
+
+
+TEXT_GEN_TYPES = ("unconditional", "input-file", "interactive")
+
+
+def check_generation(gen: GenerationConfig) -> None:
+    """Generation keys, checked with the rest so deepy.py refuses them before launching."""
+    if gen.text_gen_type is not None and gen.text_gen_type not in TEXT_GEN_TYPES:
+        raise ConfigError(f"text_gen_type is {gen.text_gen_type!r}; choose one of {', '.join(map(repr, TEXT_GEN_TYPES))}")
+    if gen.temperature < 0 or gen.top_k < 0 or not 0 <= gen.top_p <= 1:
+        raise ConfigError(f"temperature {gen.temperature} and top_k {gen.top_k} must be >= 0 and top_p "
+                          f"{gen.top_p} in [0, 1]")
+    if gen.maximum_tokens < 1 or gen.num_samples < 1:
+        raise ConfigError(f"maximum_tokens {gen.maximum_tokens} and num_samples {gen.num_samples} must be >= 1")
+    if gen.text_gen_type == "input-file" and not gen.sample_input_file:
+        raise ConfigError("text_gen_type 'input-file' needs sample_input_file (one prompt a line)")
+    if not gen.prompt_end:
+        raise ConfigError("prompt_end must not be empty (it separates the prompts of sample_input_file)")

@@ -8,11 +8,16 @@ one rank they are plain linears.
 
 Dropout with the parallel residual is applied once, to attn + mlp after their single reduce
 (x + drop(attn + mlp)), so every tensor-parallel layout draws the same mask as one process.
+
+Generation (megatron/generation) passes a `DecodeStep` (each token's position and an explicit
+attention mask, for batches of left-padded prompts) and optionally a per-layer `KVCache`. Without
+them a layer runs the training path, unchanged: causal attention over positions 0..s-1.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +40,46 @@ def make_norm(model: ModelConfig, device: Device, tp: TensorParallel = SINGLE) -
     return LayerNorm(model.hidden_size, model.layernorm_epsilon, device, tp)
 
 
+@dataclass(frozen=True)
+class DecodeStep:
+    """Where the s tokens of one generation forward sit in their sequences.
+
+    positions: [b, s] each token's position in its own sequence (rotary angles).
+    mask: [b, 1, s, keys] bool, True where a query may attend; keys = cached tokens + s."""
+
+    positions: torch.Tensor
+    mask: torch.Tensor
+
+
+class KVCache:
+    """Keys and values of one attention layer while generating: [b, heads on this rank, capacity,
+    head_dim], preallocated so that a decoding step writes one column instead of copying all."""
+
+    def __init__(self, batch: int, heads: int, head_dim: int, capacity: int, dtype: torch.dtype,
+                 device: Device) -> None:
+        self.keys = torch.empty(batch, heads, capacity, head_dim, dtype=dtype, device=device)
+        self.values = torch.empty_like(self.keys)
+        self.filled = 0
+
+    def extend(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append this forward's keys and values ([b, heads, s, hd]); returns all cached so far."""
+        end = self.filled + k.shape[2]
+        if end > self.keys.shape[2]:
+            raise ValueError(f"KVCache holds {self.keys.shape[2]} positions; {end} requested")
+        self.keys[:, :, self.filled:end] = k
+        self.values[:, :, self.filled:end] = v
+        self.filled = end
+        return self.keys[:, :, :end], self.values[:, :, :end]
+
+
+def rotary_at(rotary: RotaryEmbedding, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [b, 1, s, rot_dims] at arbitrary positions [b, s]: the same fp32 angles as the
+    rows of `RotaryEmbedding.cos_sin`'s table, for tokens that do not sit at 0..s-1."""
+    freqs = positions.float().unsqueeze(-1) * rotary.inv_freq.float()
+    angles = torch.cat((freqs, freqs), dim=-1).unsqueeze(1)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
 class Attention(nn.Module):
     """Heads are split over tensor-parallel ranks: query_key_value is column-parallel (whole heads
     per rank), dense is row-parallel."""
@@ -52,24 +97,39 @@ class Attention(nn.Module):
             rot_dims = int(self.head_dim * model.rotary_pct)
             self.rotary_emb = RotaryEmbedding(rot_dims, model.rotary_emb_base, device=device)
 
-    def forward(self, x: torch.Tensor, reduce: bool = True) -> torch.Tensor:
-        """reduce=False returns this rank's partial output without bias (see TransformerLayer)."""
+    def forward(self, x: torch.Tensor, reduce: bool = True, step: DecodeStep | None = None,
+                cache: KVCache | None = None) -> torch.Tensor:
+        """reduce=False returns this rank's partial output without bias (see TransformerLayer).
+        step (generation): positions and mask of x's tokens; cache: keys/values of earlier ones."""
         # Rows of query_key_value are grouped per head as [q_h; k_h; v_h] (GPT-NeoX layout), so
         # splitting the last dim of the per-head view gives q, k, v; TP splits keep whole heads.
         qkv = self.query_key_value(x)  # [b, s, 3 * h / tp], the full sequence even with SP
         b, s = qkv.shape[:2]
         qkv = qkv.view(b, s, self.heads, 3 * self.head_dim)
         q, k, v = qkv.transpose(1, 2).split(self.head_dim, dim=-1)  # each [b, heads, s, hd]
-        if self.rotary_emb is not None:
-            cos, sin = self.rotary_emb.cos_sin(s, q.dtype)
-            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        with tp_rng():  # heads differ per rank, so must their dropout masks
-            out = F.scaled_dot_product_attention(
-                q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0,
-                scale=1.0 / math.sqrt(self.head_dim),
-            )
+        if step is not None:
+            out = self._attend_decoding(q, k, v, step, cache)
+        else:
+            if self.rotary_emb is not None:
+                cos, sin = self.rotary_emb.cos_sin(s, q.dtype)
+                q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+            with tp_rng():  # heads differ per rank, so must their dropout masks
+                out = F.scaled_dot_product_attention(
+                    q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0,
+                    scale=1.0 / math.sqrt(self.head_dim),
+                )
         out = out.transpose(1, 2).reshape(b, s, -1)
         return self.dense(out) if reduce else self.dense.partial(out)
+
+    def _attend_decoding(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step: DecodeStep,
+                         cache: KVCache | None) -> torch.Tensor:
+        """Attention at the step's positions under its mask, over the cached keys and these."""
+        if self.rotary_emb is not None:
+            cos, sin = rotary_at(self.rotary_emb, step.positions, q.dtype)
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            k, v = cache.extend(k, v)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=step.mask, scale=1.0 / math.sqrt(self.head_dim))
 
 
 class MLP(nn.Module):
@@ -110,15 +170,16 @@ class TransformerLayer(nn.Module):
                 return F.dropout(x, self.hidden_dropout)
         return F.dropout(x, self.hidden_dropout)  # replicated: same mask on every rank
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, step: DecodeStep | None = None, cache: KVCache | None = None) -> torch.Tensor:
+        """step / cache: generation only (see Attention.forward); training passes neither."""
         if self.parallel_residual:
             # x + attn(ln1(x)) + mlp(ln2(x)): the two row-parallel partial outputs are summed
             # locally and reduced ONCE; the replicated biases are added after the reduce.
             # (GPT-NeoX adds per-rank biases before it, which is why its shards' biases sum.)
-            attn = self.attention(self.input_layernorm(x), reduce=False)
+            attn = self.attention(self.input_layernorm(x), reduce=False, step=step, cache=cache)
             mlp = self.mlp(self.post_attention_layernorm(x), reduce=False)
             out = leave_tp(attn + mlp, self.tp)
             out = self.mlp.dense_4h_to_h.add_bias(self.attention.dense.add_bias(out))
             return x + self._drop(out)
-        x = x + self._drop(self.attention(self.input_layernorm(x)))
+        x = x + self._drop(self.attention(self.input_layernorm(x), step=step, cache=cache))
         return x + self._drop(self.mlp(self.post_attention_layernorm(x)))
