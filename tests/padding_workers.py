@@ -5,22 +5,15 @@ tests/model/test_vocab_padding.py). Vocabulary 100 padded to 256 at TP2: rank 0 
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
 from megatron.config.schema import ModelConfig
 from megatron.model.gpt import GPTModel, layer_defs
 from megatron.model.loss import lm_loss
 from megatron.parallel.groups import SINGLE, ParallelGroups
 from megatron.parallel.layers import vocab_parallel_cross_entropy
+from tp_workers import TOL, _gather
 
 VOCAB, PADDED = 100, 256
-TOL = dict(rtol=1e-5, atol=1e-6)
-
-
-def _gather(t: torch.Tensor, dim: int, tp) -> torch.Tensor:
-    parts = [torch.empty_like(t) for _ in range(tp.size)]
-    dist.all_gather(parts, t.contiguous(), group=tp.group)
-    return torch.cat(parts, dim=dim)
 
 
 def cross_entropy_with_padding(rank: int, world: int) -> None:
