@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megatron.checkpointing import universal
 from megatron.checkpointing.errors import CheckpointError
 from megatron.checkpointing.loading import LoadPlan
 from megatron.checkpointing.reader import resolve_tag
@@ -69,8 +70,10 @@ def save_checkpoint(engine: Any, save_dir: str, iteration: int, consumed_samples
     tag = tag_for(iteration)
     client = {**(description or {}), "iteration": iteration, "consumed_samples": consumed_samples,
               "rng": rng_state()}
-    engine.save_checkpoint(save_dir, tag=tag, client_state=client, save_latest=False)
     path = Path(save_dir) / tag
+    if _rank() == 0:  # a conversion of an earlier save under this tag would be reused: stale
+        shutil.rmtree(path / universal.FOLDER, ignore_errors=True)
+    engine.save_checkpoint(save_dir, tag=tag, client_state=client, save_latest=False)
     if _rank() == 0:
         configs = path / "configs"
         configs.mkdir(parents=True, exist_ok=True)
@@ -124,23 +127,27 @@ def load_checkpoint(engine: Any, plan: LoadPlan | None, finetune: bool, load_opt
                     samples_per_iteration: int) -> tuple[int, int] | None:
     """Resume as `plan` says (megatron/checkpointing/loading.py). Returns (iteration,
     consumed_samples), or None when there is nothing to load. `finetune` restarts at iteration 0.
-    A resharded plan has put the weights into the module already; what is left is the position."""
+    A resharded plan has put the weights into the module already; what is left is the position.
+    A universal plan loads like a native one, from the converted folder."""
     if plan is None:
         return None
     reader = plan.reader
-    if not plan.native:
+    if plan.way == "resharded":
         if finetune:
             return 0, 0
         # GPT-NeoX's client state has no sample count: every step consumed one global batch.
         consumed = reader.client.get("consumed_samples", reader.iteration * samples_per_iteration)
         return reader.iteration, int(consumed)
     check_files(reader.path)
-    try:
+    root, tag = reader.root, reader.tag
+    if plan.way == "universal":  # the engine was configured with load_universal (deepspeed_config)
+        root, tag = reader.path, universal.prepare(reader).name
+    try:  # AssertionError: DeepSpeed's universal loader checks shapes with assert
         path, client = engine.load_checkpoint(
-            str(reader.root), tag=reader.tag, load_module_only=False,
+            str(root), tag=tag, load_module_only=False,
             load_optimizer_states=load_optim, load_lr_scheduler_states=True,
         )
-    except (RuntimeError, OSError, EOFError, KeyError, ValueError) as err:
+    except (RuntimeError, OSError, EOFError, KeyError, ValueError, AssertionError) as err:
         raise CheckpointError(f"cannot load checkpoint {reader.path}: {err}") from err
     if path is None:
         raise CheckpointError(f"DeepSpeed found no loadable checkpoint in {reader.path}")

@@ -1,9 +1,13 @@
 """Loading a checkpoint of any layout into this rank's part of the model.
 
-Two ways in, chosen once per run by `plan_load` (docs/checkpoints.md, "Loading"):
+Three ways in, chosen once per run by `plan_load` (docs/checkpoints.md, "Loading into a run"):
 - native: our own checkpoint of the same tensor, pipeline and data-parallel layout with its
   optimizer state goes through DeepSpeed's `load_checkpoint` (weights, optimizer, scheduler,
   RNG: a bit-exact resume);
+- universal: the same, but saved with ZeRO 1/2 at another data-parallel size, which DeepSpeed
+  refuses to load as it is: converted once to DeepSpeed's universal checkpoint
+  (`megatron/checkpointing/universal.py`) and loaded with `load_universal`, so the optimizer
+  state carries over and the run continues as if it had not changed size;
 - resharded: anything else (another layout, GPT-NeoX's files, a converted Hugging Face model,
   `finetune: true`) is read layer by layer (`CheckpointReader`), cut for this rank's tensor
   slice and pipeline stage, and copied into the module BEFORE DeepSpeed wraps it, so fp32
@@ -13,13 +17,15 @@ Two ways in, chosen once per run by `plan_load` (docs/checkpoints.md, "Loading")
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 from torch import nn
 
-from megatron.checkpointing import layout
+from megatron.checkpointing import layout, universal
 from megatron.checkpointing.errors import CheckpointError
 from megatron.checkpointing.reader import CheckpointReader
 from megatron.config import NeoXConfig
@@ -34,29 +40,42 @@ ARCHITECTURE = ("num_layers", "hidden_size", "num_attention_heads", "norm", "pos
 @dataclass
 class LoadPlan:
     reader: CheckpointReader
-    native: bool
+    way: Literal["native", "universal", "resharded"]
     why: str  # printed when the run starts from it
 
 
 def plan_load(load_dir: str | None, finetune: bool, load_optim: bool, tp: int, pp: int, dp: int,
-              allow_unsafe: bool = False) -> LoadPlan | None:
-    """None when there is nothing to load (no `load`, or a directory without `latest`)."""
+              zero_stage: int, allow_unsafe: bool = False) -> LoadPlan | None:
+    """None when there is nothing to load (no `load`, or a directory without `latest`).
+    `zero_stage` is the run's: DeepSpeed loads a universal checkpoint through ZeRO 1/2 only."""
     if not load_dir or not (Path(load_dir) / "latest").is_file():
         return None
     reader = CheckpointReader(load_dir, allow_unsafe=allow_unsafe)
     if finetune:
-        return LoadPlan(reader, False, "finetune: weights only, iteration 0")
-    same_layout = (reader.layout == ("pipe" if pp >= 1 else "plain") and reader.tp == tp
+        return LoadPlan(reader, "resharded", "finetune: weights only, iteration 0")
+    same_layout = (reader.is_ours and reader.layout == ("pipe" if pp >= 1 else "plain") and reader.tp == tp
                    and reader.pipe_parallel_size == pp)
     stored_dp = int(reader.client.get("dp_world_size", dp))
-    # DeepSpeed 0.19 refuses ZeRO optimizer state saved at another data-parallel size.
-    if reader.is_ours and same_layout and stored_dp == dp and (reader.has_optimizer_state or not load_optim):
-        return LoadPlan(reader, True, "same layout: weights, optimizer, scheduler and RNG")
+    if same_layout and stored_dp == dp and (reader.has_optimizer_state or not load_optim):
+        return LoadPlan(reader, "native", "same layout: weights, optimizer, scheduler and RNG")
     source = (f"{'this framework' if reader.is_ours else 'GPT-NeoX'}, {reader.layout} layout, "
               f"TP {reader.tp} x PP {reader.pipe_parallel_size} x DP {stored_dp}")
-    missing = "no optimizer state in it" if not reader.has_optimizer_state else "optimizer state not resharded"
-    return LoadPlan(reader, False, f"resharded from {source} to TP {tp} x PP {pp} x DP {dp}: weights only "
-                                   f"({missing}; optimizer and RNG start fresh)")
+    if not reader.has_optimizer_state:
+        missing = "no optimizer state in it"
+    elif not same_layout:
+        missing = "optimizer state not resharded"
+    elif not load_optim:
+        missing = "no_load_optim"
+    elif universal.zero_stage(reader) not in (1, 2) or zero_stage not in (1, 2):
+        missing = (f"ZeRO {universal.zero_stage(reader)} to ZeRO {zero_stage}: optimizer state crosses "
+                   "data-parallel sizes only from and into ZeRO 1/2")
+    elif not (universal.folder(reader).is_dir() or os.access(reader.path, os.W_OK)):
+        missing = f"{reader.path} is read-only, no room for the universal conversion of the optimizer state"
+    else:
+        return LoadPlan(reader, "universal", f"same layout, DP {stored_dp} to DP {dp}: weights, optimizer, "
+                                             "scheduler and RNG through DeepSpeed's universal checkpoint")
+    return LoadPlan(reader, "resharded", f"resharded from {source} to TP {tp} x PP {pp} x DP {dp}: weights only "
+                                         f"({missing}; optimizer and RNG start fresh)")
 
 
 def local_layers(module: nn.Module) -> list[tuple[int, nn.Module]]:

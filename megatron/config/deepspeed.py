@@ -14,7 +14,10 @@ def framework_clips(cfg: NeoXConfig) -> bool:
     return cfg.derived.precision == "fp32" and cfg.optimizer.zero_optimization.stage == 0
 
 
-def deepspeed_config(cfg: NeoXConfig) -> dict[str, Any]:
+def deepspeed_config(cfg: NeoXConfig, load_universal: bool = False) -> dict[str, Any]:
+    """`load_universal`: the run resumes from a universal checkpoint (a ZeRO checkpoint of another
+    data-parallel size, megatron/checkpointing/universal.py); DeepSpeed reads it only when the
+    engine is built with this set."""
     opt, d = cfg.optimizer, cfg.derived
     zero = dataclasses.asdict(opt.zero_optimization)
     if zero.pop("cpu_offload"):
@@ -31,6 +34,8 @@ def deepspeed_config(cfg: NeoXConfig) -> dict[str, Any]:
         # The optimizer is built by us (param groups without decay on biases and norms).
         "zero_allow_untested_optimizer": True,
     }
+    if load_universal:
+        ds["checkpoint"] = {"load_universal": True}
     if d.precision == "fp16":
         fp16 = opt.fp16
         ds["fp16"] = {

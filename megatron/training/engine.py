@@ -116,8 +116,9 @@ def build_engine(cfg: NeoXConfig, groups: ParallelGroups) -> tuple[Stepper, Anne
         module = GPTModel(defs, checkpoint_num_layers=ckpt)
     ck = cfg.checkpoint
     plan = plan_load(ck.load, ck.finetune, not ck.no_load_optim, cfg.parallel.model_parallel_size,
-                     cfg.parallel.pipe_parallel_size, d.data_parallel_size, ck.allow_unsafe_checkpoint_load)
-    if plan is not None and not plan.native:
+                     cfg.parallel.pipe_parallel_size, d.data_parallel_size, cfg.optimizer.zero_optimization.stage,
+                     ck.allow_unsafe_checkpoint_load)
+    if plan is not None and plan.way == "resharded":
         load_weights(module, plan.reader, cfg.model, groups.tensor)  # before DeepSpeed copies them
     mark_for_grad_norm(module, groups.tensor)
     optimizer = build_optimizer(module, cfg.optimizer, d.lr)
@@ -125,8 +126,10 @@ def build_engine(cfg: NeoXConfig, groups: ParallelGroups) -> tuple[Stepper, Anne
         clip_in_optimizer(optimizer, cfg.optimizer.gradient_clipping, groups.get_model_parallel_group())
     scheduler = AnnealingLR(optimizer, d.lr, cfg.lr.min_lr, d.warmup_iters, d.lr_decay_iters,
                             cfg.lr.lr_decay_style)
+    from_universal = plan is not None and plan.way == "universal"
     engine, _, _, _ = deepspeed.initialize(
-        model=module, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg),
+        model=module, optimizer=optimizer, lr_scheduler=scheduler,
+        config=deepspeed_config(cfg, load_universal=from_universal),
         dist_init_required=False,
         # The pipeline engine builds its groups from the module's topology; the plain one
         # takes ours (tensor-parallel ranks share data, ZeRO shards over data ranks only).
