@@ -45,7 +45,9 @@ def test_readme_default_run(tmp_path):
     train = [r for r in records if r["type"] == "train"]
     evals = [r for r in records if r["type"] == "eval"]
     assert train[-1]["iteration"] == 150
-    assert train[0]["lm_loss"] > 7.5 and train[-1]["lm_loss"] < 5.5
+    # README: the loss (mean of each 10 steps) "falls from about 8 to under 5"; measured 7.92 at
+    # step 10 and 4.56 at step 150 (steps 130-150 logged 4.40-4.72).
+    assert 7.5 < train[0]["lm_loss"] < 8.5 and train[-1]["lm_loss"] < 5
     assert evals[-1]["lm_loss"] < evals[0]["lm_loss"]
     ckpt = repo / "runs/cpu_stdlib/checkpoints"
     assert (ckpt / "latest").read_text() == "global_step150"

@@ -5,7 +5,9 @@ dataset's samples it is. It is built greedily, "most under-served dataset next":
 ``i`` every dataset's deficit is ``w_j * (i + 1) - served_j``, and the dataset with the largest
 deficit serves (ties go to the earlier dataset in a seeded order). This is smooth weighted
 round-robin; a dataset's count never strays more than about one sample from ``w_j * i``, so the
-weights hold over short windows, not just on average.
+weights hold over short windows, not just on average: over any 1000 consecutive samples each
+share is within 0.2% of its weight (tests/data/test_blending.py; at most 0.15% measured over
+its weight sets, the Pile's 22 weights among them).
 
 Speed without a compiled helper: the weights are first rounded to integers summing to
 ``PERIOD`` = 65,536 (largest remainders; every positive weight keeps at least one slot, and

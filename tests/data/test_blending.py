@@ -1,4 +1,5 @@
-"""Blending: weights honoured over every 1000-sample window, order independent of num_samples."""
+"""Blending: each share within 0.2% of its weight over every 1000-sample window (README "Data"),
+order independent of num_samples."""
 
 import numpy as np
 import pytest
@@ -41,10 +42,11 @@ def test_greedy_period_is_exact():
 
 
 @pytest.mark.parametrize("weights", [[0.7, 0.3], [1, 1, 1], PILE, [50, 1, 1, 1, 1, 1, 1, 1]])
-def test_weights_within_one_percent_over_any_1000_samples(weights):
+def test_weights_within_0_2_percent_over_any_1000_samples(weights):
+    # Measured worst windows: 0.10% (0.7/0.3), 0.07% (thirds), 0.14% (Pile), 0.15% (50:1x7).
     index = BlendIndex(weights, seed=3)
     dataset, sample = index.lookup(np.arange(300_000))
-    assert worst_window_error(dataset, weights) < 0.01
+    assert worst_window_error(dataset, weights) < 0.002
     # Each dataset's samples are consumed in order, without gaps or repeats.
     for j in range(len(weights)):
         assert np.array_equal(sample[dataset == j], np.arange(np.count_nonzero(dataset == j)))
