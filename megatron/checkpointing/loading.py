@@ -53,8 +53,8 @@ def plan_load(load_dir: str | None, finetune: bool, load_optim: bool, tp: int, p
     reader = CheckpointReader(load_dir, allow_unsafe=allow_unsafe)
     if finetune:
         return LoadPlan(reader, "resharded", "finetune: weights only, iteration 0")
-    same_layout = (reader.is_ours and reader.layout == ("pipe" if pp >= 1 else "plain") and reader.tp == tp
-                   and reader.pipe_parallel_size == pp)
+    same_layout = (reader.is_ours and reader.layout in (("pipe",) if pp >= 1 else ("plain", "zero3"))
+                   and reader.tp == tp and reader.pipe_parallel_size == pp)
     stored_dp = int(reader.client.get("dp_world_size", dp))
     if same_layout and stored_dp == dp and (reader.has_optimizer_state or not load_optim):
         return LoadPlan(reader, "native", "same layout: weights, optimizer, scheduler and RNG")

@@ -26,6 +26,7 @@ from megatron.config.schema import ModelConfig
 
 LAYER_FILE = re.compile(r"^layer_(\d+)-model_(\d+)-model_states\.pt$")
 ENGINE_FILE = re.compile(r"^mp_rank_(\d+)_model_states\.pt$")
+ZERO3_FILE = re.compile(r"^zero_pp_rank_0_mp_rank_(\d+)_model_states\.pt$")  # ZeRO 3 keeps no mp_rank files
 TAG = re.compile(r"^global_step(\d+)$")
 # Written into every checkpoint this framework saves; a file without it is GPT-NeoX's.
 FORMAT = {"name": "gpt-neox-rebuilt", "version": 1, "row_parallel_bias": layout.REPLICATED}
@@ -67,6 +68,7 @@ class CheckpointReader:
             if m := LAYER_FILE.match(name):
                 self._layer_files.setdefault(int(m.group(1)), {})[int(m.group(2))] = name
         engine_ranks = sorted(int(m.group(1)) for name in files if (m := ENGINE_FILE.match(name)))
+        zero3_ranks = sorted(int(m.group(1)) for name in files if (m := ZERO3_FILE.match(name)))
         if self._layer_files:
             self.layout = "pipe"
             ranks = self._layer_files[min(self._layer_files)]
@@ -78,6 +80,9 @@ class CheckpointReader:
         elif engine_ranks:
             self.layout = "plain"
             self.tp = len(engine_ranks)
+        elif zero3_ranks:  # the plain engine with ZeRO 3: weights are partitioned over data ranks
+            self.layout = "zero3"
+            self.tp = len(zero3_ranks)
         else:
             raise CheckpointError(f"{self.path}: no model files (layer_XX-model_YY-model_states.pt "
                                   "or mp_rank_YY_model_states.pt)")
@@ -108,14 +113,15 @@ class CheckpointReader:
     @property
     def pipe_parallel_size(self) -> int:
         """Stages of the run that wrote it (0 for the plain layout)."""
-        if self.layout == "plain":
+        if self.layout != "pipe":
             return 0
         dims = self.client.get("checkpoint_parallel_dimensions") or {}
         return int(dims.get("pp_degree", self.client.get("mp_world_size", self.tp) // self.tp))
 
     @property
     def has_optimizer_state(self) -> bool:
-        return any(self.path.glob("*optim_states.pt"))
+        # ZeRO 0 keeps the optimizer in the engine file, ZeRO >= 1 in *optim_states.pt shards
+        return any(self.path.glob("*optim_states.pt")) or self.client.get("optimizer") is not None
 
     def stored_config(self) -> dict[str, Any]:
         """The YAML files in configs/, merged in name order (keys normalised to underscores)."""
@@ -165,6 +171,10 @@ class CheckpointReader:
     # -- tensors --------------------------------------------------------------------------
     def layer_shards(self, number: int) -> list[dict[str, torch.Tensor]]:
         """Layer `number`'s state dict per tensor rank, as stored (names not mapped)."""
+        if self.layout == "zero3":
+            raise CheckpointError(f"{self.path}: a ZeRO stage 3 checkpoint, whose weights are partitioned over "
+                                  "data-parallel ranks: resume it at the layout it was saved with, or gather it "
+                                  "with DeepSpeed's zero_to_fp32.py first")
         if self.layout == "pipe":
             if number not in self._layer_files:
                 raise CheckpointError(f"{self.path}: no files for layer {number}")
@@ -184,7 +194,8 @@ class CheckpointReader:
 
     # -- internals ------------------------------------------------------------------------
     def _engine_state(self, rank: int) -> dict[str, Any]:
-        path = self.path / layout.engine_file(rank)
+        name = f"zero_pp_rank_0_mp_rank_{rank:02d}_model_states.pt" if self.layout == "zero3" else layout.engine_file(rank)
+        path = self.path / name
         if not path.is_file():
             raise CheckpointError(f"{self.path}: missing {path.name}")
         state = load_file(path, self.allow_unsafe)
@@ -212,6 +223,9 @@ class CheckpointReader:
         return self._plain_modules[rank]
 
     def _numbering(self) -> tuple[list[int], bool]:
+        if self.layout == "zero3":  # no per-layer tensors to count: the stored description says
+            model, _ = self.model_config()
+            return layout.layer_numbers(model.num_layers, not model.no_weight_tying), not model.no_weight_tying
         numbers = sorted(self._layer_files) if self.layout == "pipe" else sorted(self._plain_layers(0))
         if len(numbers) < 3 or numbers[0] != 0:
             raise CheckpointError(f"{self.path}: layers {numbers} do not form a GPT-NeoX layer list")

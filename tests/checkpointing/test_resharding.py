@@ -166,3 +166,15 @@ def test_file_needing_code_is_refused(tmp_path):
     path.write_bytes(pickle.dumps(1)[:3])
     with pytest.raises(CheckpointError, match="not a complete PyTorch checkpoint file"):
         load_file(path)
+
+
+def test_zero3_resumes_natively_and_is_not_resharded(tiny, tmp_path):
+    """ZeRO 3 writes no mp_rank files and partitions the weights: the same layout resumes through
+    DeepSpeed with its optimizer; another layout is refused with the way out named."""
+    z3 = dict(COMMON, pipe_parallel_size=0, zero_optimization={"stage": 3})
+    train(tiny, "z3", **{**z3, "train_iters": 2, "save": str(tmp_path / "ck"), "checkpoint_factor": 2})
+    out = train(tiny, "z3", **{**z3, "train_iters": 3, "load": str(tmp_path / "ck")})
+    assert "at iteration 2 (16 samples consumed; same layout: weights, optimizer, scheduler and RNG)" in out
+    proc = run_cli("train.py", tiny("other", **COMMON, load=str(tmp_path / "ck"), finetune=True))
+    assert proc.returncode == 2
+    assert "a ZeRO stage 3 checkpoint, whose weights are partitioned" in proc.stderr

@@ -23,7 +23,8 @@ from megatron.checkpointing.reader import CheckpointReader  # noqa: E402
 
 
 def summary(reader: CheckpointReader) -> list[str]:
-    stages = "plain (no pipeline)" if reader.layout == "plain" else f"pipeline, {reader.pipe_parallel_size} stage(s)"
+    stages = {"plain": "plain (no pipeline)", "zero3": "plain (no pipeline), ZeRO 3: weights partitioned over "
+              "data-parallel ranks"}.get(reader.layout, f"pipeline, {reader.pipe_parallel_size} stage(s)")
     return [
         f"checkpoint   {reader.path}",
         f"written by   {'this framework' if reader.is_ours else 'GPT-NeoX (no format marker)'}",
@@ -57,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         reader = CheckpointReader(args.input, args.iteration, args.allow_unsafe)
         lines = summary(reader)
-        if not args.no_tensors:
+        if not args.no_tensors and reader.layout != "zero3":
             lines += ["", "tensors (shape per tensor rank):", *tensor_lines(reader)]
         stored = reader.stored_config()
         if stored:
