@@ -3,6 +3,7 @@
 Files merge left to right: a later file overrides an earlier one (nested blocks merge key by key),
 and every override is recorded so the launcher can say what it replaced. GPT-NeoX rejects the
 same key in two files, which breaks its own `20B.yml local_setup.yml` recipe; here the later wins.
+The same key twice in one file is an error, as in GPT-NeoX: within a file it is a mistake.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import typing
+from collections.abc import Hashable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,23 +47,56 @@ def _normalize(tree: Any) -> Any:
     return tree
 
 
+class _DuplicateKey(Exception):
+    """Raised by _UniqueKeyLoader; read_yaml adds the file name."""
+
+    def __init__(self, key: str, line: int, first_key: str, first_line: int) -> None:
+        super().__init__(key)
+        self.key, self.line, self.first_key, self.first_line = key, line, first_key, first_line
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A SafeLoader that refuses a key given twice in one mapping, at any nesting level.
+
+    yaml.safe_load keeps the later value silently. Keys are compared after normalize_key, since
+    ``num-layers`` and ``num_layers`` are one key. Keys brought in by a ``<<`` merge are not
+    checked: overriding them is what the merge is for.
+    """
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, tuple[Any, int]] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, Hashable):
+                continue  # SafeLoader reports an unhashable key itself
+            norm = normalize_key(key) if isinstance(key, str) else key
+            line = key_node.start_mark.line + 1
+            if norm in seen:
+                raise _DuplicateKey(str(key), line, str(seen[norm][0]), seen[norm][1])
+            seen[norm] = (key, line)
+        return super().construct_mapping(node, deep)
+
+
 def read_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        tree = yaml.safe_load(path.read_text()) or {}
+        tree = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
+    except _DuplicateKey as dup:
+        first = f"line {dup.first_line}"
+        if dup.first_key != dup.key:
+            first += f" as {dup.first_key!r}; hyphens and underscores spell the same key"
+        raise ConfigError(
+            f"{path} line {dup.line}: key {dup.key!r} appears twice in one file (first on {first})"
+        ) from None
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: expected a mapping of keys to values, got {type(tree).__name__}")
-    flat: dict = {}
-    for key, value in tree.items():
-        norm = normalize_key(key)
-        if norm in flat:
-            raise ConfigError(f"{path}: key {key!r} appears twice (hyphens and underscores are the same key)")
-        flat[norm] = _normalize(value)
-    return flat
+    return _normalize(tree)
 
 
 def merge_files(paths: list[str]) -> tuple[dict, dict[str, str], list[Override]]:

@@ -26,7 +26,7 @@ import numpy as np
 
 from megatron.data.blended_dataset import BlendedDataset, BlendIndex
 from megatron.data.gpt_dataset import GPTDataset, build_train_valid_test_datasets
-from megatron.data.indexed_dataset import MMapIndexedDataset
+from megatron.data.indexed_dataset import MMapIndexedDataset, check_token_ids
 from megatron.data.streaming import StreamingDataset
 
 SPLIT_NAMES = ("train", "valid", "test")
@@ -48,11 +48,16 @@ def build_blended_dataset(
     num_samples: int,
     seq_length: int,
     seed: int,
+    vocab_size: int | None = None,
 ) -> GPTDataset | BlendedDataset:
     """``num_samples`` samples drawn from all documents of ``paths``, blended by ``weights``
-    (None: by token count). Each component is sized to what the blend takes from it."""
+    (None: by token count). Each component is sized to what the blend takes from it. Given the
+    tokenizer's ``vocab_size``, every token id of every dataset is checked against it."""
     _check_weights(name, paths, weights)
     indexed = [MMapIndexedDataset(p) for p in paths]
+    if vocab_size is not None:
+        for ds in indexed:
+            check_token_ids(ds, vocab_size)
     if weights is None:
         weights = [float(ds.sizes.sum(dtype=np.int64)) for ds in indexed]
         if sum(weights) <= 0:
@@ -81,13 +86,18 @@ def build_datasets(
     num_samples: tuple[int, int, int],
     seq_length: int,
     seed: int,
+    vocab_size: int | None = None,
 ) -> tuple:
-    """(train, valid, test) datasets; a split with no data or no requested samples is None."""
+    """(train, valid, test) datasets; a split with no data or no requested samples is None.
+
+    ``vocab_size`` (the tokenizer's) makes every dataset's token ids checked against it on open,
+    so data made with another tokenizer fails here, naming the file, instead of in the first
+    step's embedding lookup."""
     lists = (train_paths, valid_paths, test_paths)
     if data_path and any(lists):
         raise ValueError("set either data_path (with split) or train/valid/test_data_paths, not both")
     if data_path:
-        return build_train_valid_test_datasets(data_path, split, num_samples, seq_length, seed)
+        return build_train_valid_test_datasets(data_path, split, num_samples, seq_length, seed, vocab_size)
     if not train_paths:
         raise ValueError("no training data: set data_path or train_data_paths")
     out = []
@@ -97,7 +107,7 @@ def build_datasets(
         if not paths or n <= 0:
             out.append(None)
             continue
-        out.append(build_blended_dataset(name, list(paths), weights, n, seq_length, seed))
+        out.append(build_blended_dataset(name, list(paths), weights, n, seq_length, seed, vocab_size))
     return out[0], out[1], out[2]
 
 

@@ -30,12 +30,11 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import sys
 import time
 
 import numpy as np
 
-from megatron.data.indexed_dataset import MMapIndexedDataset
+from megatron.data.indexed_dataset import MMapIndexedDataset, check_token_ids, distributed
 
 logger = logging.getLogger(__name__)
 
@@ -58,14 +57,6 @@ def _epoch_index(sizes: np.ndarray, seq_length: int, samples_per_epoch: int, see
     sample_idx = np.stack([pos, offset], axis=1).astype(np.int32)
     shuffle = rng.permutation(samples_per_epoch)
     return order, sample_idx, shuffle
-
-
-def _distributed():
-    """torch.distributed if a process group is up; torch is not imported just to find out."""
-    torch = sys.modules.get("torch")
-    if torch is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed
-    return None
 
 
 class GPTDataset:
@@ -154,7 +145,7 @@ class GPTDataset:
         return arrays
 
     def _load_or_build(self, sizes: np.ndarray) -> tuple[np.ndarray, ...]:
-        dist = _distributed()
+        dist = distributed()
         if dist is None or dist.get_rank() == 0:
             arrays = self._load()
             if arrays is None:
@@ -225,10 +216,14 @@ def build_train_valid_test_datasets(
     num_samples: tuple[int, int, int],
     seq_length: int,
     seed: int,
+    vocab_size: int | None = None,
 ) -> tuple[GPTDataset | None, GPTDataset | None, GPTDataset | None]:
     """Split the documents of ``data_prefix`` contiguously by ``split`` and build the three
-    datasets; a split with no documents or no requested samples is None."""
+    datasets; a split with no documents or no requested samples is None. Given the tokenizer's
+    ``vocab_size``, every token id of the data is checked against it first."""
     indexed = MMapIndexedDataset(data_prefix)
+    if vocab_size is not None:
+        check_token_ids(indexed, vocab_size)
     bounds = split_boundaries(parse_split(split), len(indexed))
     datasets: list[GPTDataset | None] = []
     for k, name in enumerate(("train", "valid", "test")):

@@ -72,43 +72,63 @@ def measure_matmul_peak(
     device: torch.device | str = "cpu",
     n: int = 1024,
     seconds: float = 1.0,
+    repeats: int = 5,
 ) -> float:
-    """Achieved FLOP/s of repeated n x n matmuls in `dtype` on `device`.
+    """Best FLOP/s over `repeats` timed bursts of n x n matmuls in `dtype` on `device`.
 
     Used as the "peak" where no datasheet number is known (CPUs, unlisted GPUs): it is
     what this device reaches on the friendliest possible workload, so MFU against it
-    stays meaningful, if optimistic compared with a datasheet peak.
+    stays meaningful, if optimistic compared with a datasheet peak. The best burst, not
+    the mean, is taken because another process sharing the device only ever slows a
+    burst down: the fastest one is the closest to what the device can do. Each timed
+    burst lasts `seconds / repeats` to twice that, so the whole measurement takes from
+    `seconds` to a little over twice that.
     """
+    if repeats < 1 or seconds <= 0:
+        raise ValueError(f"need repeats >= 1 and seconds > 0, got {repeats} and {seconds}")
     device = torch.device(device)
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
     out = torch.empty(n, n, device=device, dtype=dtype)
 
-    def sync() -> None:
+    def burst(iters: int) -> float:
+        """Seconds for `iters` matmuls, finished."""
+        start = time.perf_counter()
+        for _ in range(iters):
+            torch.mm(a, b, out=out)
         # CUDA kernels are asynchronous: without a synchronize the clock would time
         # only the launches.
         if device.type == "cuda":
             torch.cuda.synchronize(device)
+        return time.perf_counter() - start
 
     # Warm-up: the first calls pay for library initialisation and kernel selection.
-    for _ in range(2):
-        torch.mm(a, b, out=out)
-    sync()
+    burst(2)
+    # Double the burst until it lasts long enough for the clock and the synchronize not to
+    # matter, then time `repeats` bursts of that size. Shorter bursts count too: overheads
+    # only make them slower, never faster.
+    iters, best, timed = 1, 0.0, 0
+    while timed < repeats:
+        elapsed = burst(iters)
+        best = max(best, 2.0 * n**3 * iters / elapsed)
+        if elapsed >= seconds / repeats:
+            timed += 1
+        else:
+            iters *= 2
+    return best
 
-    # Time chunks of growing size so that a slow device still finishes near `seconds`
-    # and a fast one is not dominated by the per-chunk synchronize.
-    total_iters = 0
-    total_time = 0.0
-    chunk = 1
-    while total_time < seconds:
-        start = time.perf_counter()
-        for _ in range(chunk):
-            torch.mm(a, b, out=out)
-        sync()
-        total_time += time.perf_counter() - start
-        total_iters += chunk
-        chunk *= 2
-    return 2.0 * n**3 * total_iters / total_time
+
+def utilisation(achieved_flops: float, peak_flops: float) -> tuple[float, float]:
+    """(MFU, the peak to use from now on) for a device that achieved `achieved_flops`.
+
+    A rate above the peak proves the peak estimate low: a start-up measurement taken while
+    another job shared the device, or a datasheet entry that does not fit the part. The
+    observed rate is then the best known lower bound on the true peak, so it becomes the peak
+    and the MFU is 1.0: a utilisation above 100% is never reported.
+    """
+    if achieved_flops > peak_flops:
+        return 1.0, achieved_flops
+    return achieved_flops / peak_flops, peak_flops
 
 
 # Dense (no 2:4 sparsity) tensor-core peaks per GPU, FLOP/s, from the vendors' datasheets
@@ -183,7 +203,10 @@ def device_peak_flops(device: torch.device, dtype: torch.dtype) -> float:
     the TF32 peak is used when TF32 matmuls are enabled (torch.backends.cuda.matmul
     fp32_precision "tf32", or set_float32_matmul_precision("high")), else the plain fp32
     peak: MFU is measured against the units the matmuls actually run on. CPUs, unlisted
-    GPUs and unlisted dtypes fall back to measure_matmul_peak, cached per process.
+    GPUs and unlisted dtypes fall back to measure_matmul_peak in `dtype` (the training
+    dtype), cached per process. A measurement can still come out low (the device was
+    busier at start-up than in training); `utilisation` then raises the peak to the rate
+    training achieves, so MFU never exceeds 100%.
     """
     device = torch.device(device)
     if device.type == "cuda":

@@ -16,6 +16,7 @@ from megatron.checkpointing.checkpoint import load_checkpoint, save_checkpoint
 from megatron.checkpointing.reader import describe
 from megatron.config import NeoXConfig
 from megatron.data.loader import eval_batches, micro_batches
+from megatron.training.flops import utilisation
 from megatron.training.setup import RunState, build_run
 
 
@@ -48,6 +49,11 @@ def _log(run: RunState, iteration: int, stats: IntervalStats) -> None:
     n = len(stats.losses)
     tokens_per_sec = d.train_batch_size * run.cfg.model.seq_length * n / elapsed
     tflops = run.flops_per_token * tokens_per_sec / d.world_size / 1e12
+    mfu, peak = utilisation(tflops * 1e12, run.peak_flops)
+    if peak > run.peak_flops:
+        run.print(f"MFU: {tflops:.3g} TFLOPS achieved is above the {run.peak_flops / 1e12:.3g} TFLOPS peak "
+                  "estimated so far; the peak is re-estimated as this rate (megatron/training/flops.py)")
+        run.peak_flops = peak
     metrics = {
         "lm_loss": sum(stats.losses) / n,
         "lr": run.scheduler.get_lr(),
@@ -57,7 +63,7 @@ def _log(run: RunState, iteration: int, stats: IntervalStats) -> None:
         "tokens_per_sec": tokens_per_sec,
         "ms_per_iter": 1000 * elapsed / n,
         "tflops": tflops,
-        "mfu": tflops * 1e12 / run.peak_flops,
+        "mfu": mfu,
     }
     run.logger.log_train(iteration, {k: v for k, v in metrics.items() if v is not None})
     stats.reset()

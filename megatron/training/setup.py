@@ -121,7 +121,7 @@ def build_data(cfg: NeoXConfig) -> tuple[Any, Any]:
         train, valid, _ = build_datasets(
             data.data_path, data.train_data_paths, data.valid_data_paths, data.test_data_paths,
             data.train_data_weights, data.valid_data_weights, data.test_data_weights,
-            data.split, samples, cfg.model.seq_length, cfg.training.seed)
+            data.split, samples, cfg.model.seq_length, cfg.training.seed, vocab_size=d.vocab_size)
     except ValueError as err:
         raise ConfigError(str(err)) from err
     if train is None:

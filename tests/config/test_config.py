@@ -10,6 +10,7 @@ import yaml
 
 from megatron.config import ConfigError, deepspeed_config, load_config
 from megatron.config.deepspeed import framework_clips
+from megatron.config.loader import read_yaml
 from megatron.config.validate import check_launchable
 from megatron.config.schema import GROUPS
 
@@ -67,11 +68,32 @@ def test_unknown_key_names_closest(tmp_path):
     assert "zero_optimization.stgae" in msg and "zero_optimization.stage" in msg
 
 
-def test_same_key_twice_in_one_file(tmp_path):
+@pytest.mark.parametrize("text, expected", [
+    ("num_layers: 2\nhidden_size: 64\nnum_layers: 3\n",
+     "line 3: key 'num_layers' appears twice in one file (first on line 1)"),
+    ("num_layers: 2\nnum-layers: 3\n",
+     "line 2: key 'num-layers' appears twice in one file (first on line 1 as 'num_layers'; "
+     "hyphens and underscores spell the same key)"),
+    # Nested blocks too, where yaml.safe_load would keep the later value silently.
+    ("zero_optimization:\n  stage: 1\n  reduce_bucket_size: 8\n  stage: 2\n",
+     "line 4: key 'stage' appears twice in one file (first on line 2)"),
+    ("fp16:\n  enabled: true\n  loss-scale: 0\n  loss_scale: 128\n",
+     "line 4: key 'loss_scale' appears twice in one file (first on line 3 as 'loss-scale'; "
+     "hyphens and underscores spell the same key)"),
+])
+def test_same_key_twice_in_one_file(tmp_path, text, expected):
     path = tmp_path / "dup.yml"
-    path.write_text("num_layers: 2\nnum-layers: 3\n")
-    with pytest.raises(ConfigError, match="appears twice"):
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
         load_config([str(path)], require_files=False)
+    assert str(info.value) == f"{path} {expected}"
+
+
+def test_same_key_in_two_blocks_or_over_a_yaml_merge_is_fine(tmp_path):
+    path = tmp_path / "ok.yml"
+    path.write_text("a:\n  stage: 1\nb:\n  stage: 2\nbase: &b {x-y: 1, z: 2}\nc:\n  <<: *b\n  x_y: 5\n")
+    assert read_yaml(path) == {"a": {"stage": 1}, "b": {"stage": 2}, "base": {"x_y": 1, "z": 2},
+                               "c": {"x_y": 5, "z": 2}}
 
 
 def test_wrong_type(tmp_path):

@@ -1,5 +1,6 @@
 """merge_datasets.py (byte-exact concatenation) and inspect_dataset.py (counts, sample, checks)."""
 
+import json
 import os
 import subprocess
 import sys
@@ -10,6 +11,7 @@ import pytest
 from megatron.data.indexed_dataset import (
     MMapIndexedDataset,
     MMapIndexedDatasetBuilder,
+    check_token_ids,
     index_file_path,
     merge_indexed_datasets,
     write_index,
@@ -92,10 +94,16 @@ def test_inspect_counts_and_decoded_sample(tmp_path):
 
 def test_inspect_fails_on_corrupt_files(tmp_path):
     prefix = build(tmp_path / "d", [[1, 2, 3], [300, 5]])
-    # Token 300 is outside the char-level vocabulary of 257.
+    # Token 300 is outside the char-level vocabulary of 257. --check scans afresh, even where
+    # training's cache of the scan (made stale here by hand, with the right stamp) says otherwise.
+    check_token_ids(MMapIndexedDataset(prefix), 301)
+    cache = json.loads(open(prefix + ".idx.tokenids.json").read())
+    cache["range"]["max_id"] = 5
+    open(prefix + ".idx.tokenids.json", "w").write(json.dumps(cache))
     res = run("inspect_dataset.py", prefix, "--tokenizer-type", "CharLevelTokenizer", "--check")
     assert res.returncode == 1
-    assert f"format check failed: {prefix}.bin: token id 300 is outside the tokenizer's vocabulary of 257" in res.stderr
+    assert res.stderr == (f"format check failed: {prefix}.bin: document 1 holds token id 300, outside the "
+                          "tokenizer's 257 ids (made with another tokenizer?)\n")
     with open(prefix + ".bin", "r+b") as f:
         f.truncate(7)
     res = run("inspect_dataset.py", prefix)
@@ -105,9 +113,12 @@ def test_inspect_fails_on_corrupt_files(tmp_path):
         f.write(b"NOTMAGIC!")
     res = run("inspect_dataset.py", prefix + ".idx")
     assert res.returncode == 1 and f"{prefix}.idx: bad magic b'NOTMAGIC!'" in res.stderr
-    # Overlapping sequences (pointer 2 of 2 falls inside sequence 0).
+    # Overlapping documents (pointer 2 of 2 falls inside document 0): refused on open.
     write_index(prefix + ".idx", np.dtype(np.uint16), np.array([3, 2]), np.array([0, 2]), np.array([0, 1, 2]))
     with open(prefix + ".bin", "wb") as f:
         f.write(bytes(10))
-    res = run("inspect_dataset.py", prefix, "--check")
-    assert res.returncode == 1 and f"{prefix}.idx: sequences 0 and 1 overlap in .bin" in res.stderr
+    res = run("inspect_dataset.py", prefix)
+    assert res.returncode == 1
+    assert res.stderr == (f"format check failed: {prefix}.idx: documents 0 and 1 overlap in {prefix}.bin (document 1 "
+                          "starts at byte 2, before document 0 ends at byte 6); the index is corrupt, rebuild it "
+                          "with tools/datasets/preprocess_data.py\n")

@@ -2,6 +2,7 @@
 
 from fractions import Fraction
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from megatron.training.flops import (
     flops_per_token,
     gpu_table_peak,
     measure_matmul_peak,
+    utilisation,
 )
 
 # GPT-NeoX-20B (FACTS.md section 1).
@@ -119,3 +121,66 @@ def test_measure_matmul_peak_on_this_cpu():
     # Timing stops at the first chunk that ends past `seconds`; chunks double, so it runs
     # at most about 2 x 0.2 s plus warm-up. The bound leaves room for a loaded machine.
     assert 0.2 <= elapsed < 5.0
+
+
+def test_measure_matmul_peak_takes_the_best_burst(monkeypatch):
+    # A fake clock: each burst's duration is scripted, so the rates are exact. n=2: 16 FLOPs
+    # per matmul. Target burst = 0.75 s / 3 = 0.25 s.
+    durations = iter([9.0, 0.2, 1.0, 0.25, 0.5])  # warm-up, 1 short burst, 3 timed bursts
+    clock = {"now": 0.0, "started": False}
+
+    def perf_counter() -> float:
+        if clock["started"]:
+            clock["now"] += next(durations)
+        clock["started"] = not clock["started"]
+        return clock["now"]
+
+    matmuls = []
+    real_mm = torch.mm
+    monkeypatch.setattr(flops, "time", SimpleNamespace(perf_counter=perf_counter))
+    monkeypatch.setattr(torch, "mm", lambda a, b, out: matmuls.append(1) or real_mm(a, b, out=out))
+    peak = measure_matmul_peak(torch.float32, "cpu", n=2, seconds=0.75, repeats=3)
+    # Warm-up 2 matmuls; 1 matmul in 0.2 s (80 FLOP/s) is under the target, so bursts double to
+    # 2 matmuls: 32 FLOPs in 1.0 s (a busy device), 0.25 s (128 FLOP/s) and 0.5 s. The best wins.
+    assert peak == 128.0
+    assert len(matmuls) == 2 + 1 + 3 * 2
+    with pytest.raises(ValueError, match=r"^need repeats >= 1 and seconds > 0, got 0 and 1.0$"):
+        measure_matmul_peak(torch.float32, repeats=0)
+
+
+def test_utilisation_never_exceeds_one():
+    assert utilisation(5e10, 1e11) == (0.5, 1e11)
+    assert utilisation(1e11, 1e11) == (1.0, 1e11)
+    # Faster than the "peak": the estimate was low, the observed rate becomes the peak.
+    assert utilisation(2.5e11, 1e11) == (1.0, 2.5e11)
+
+
+def test_log_raises_the_peak_once_exceeded(monkeypatch):
+    from megatron.training import loop
+
+    printed, logged = [], []
+    run = SimpleNamespace(
+        cfg=SimpleNamespace(derived=SimpleNamespace(train_batch_size=4, world_size=1),
+                            model=SimpleNamespace(seq_length=8)),
+        flops_per_token=10**9,
+        peak_flops=1e10,
+        scheduler=SimpleNamespace(get_lr=lambda: 0.1),
+        stepper=SimpleNamespace(grad_norm=lambda: 1.0, loss_scale=lambda: None, skipped_steps=0),
+        logger=SimpleNamespace(log_train=lambda it, m: logged.append(m)),
+        print=printed.append,
+    )
+    monkeypatch.setattr(loop, "time", SimpleNamespace(perf_counter=lambda: 100.0))
+
+    def log(seconds: float) -> dict:
+        stats = loop.IntervalStats(losses=[2.0, 2.0], start=100.0 - seconds)
+        loop._log(run, 2, stats)
+        return logged[-1]
+
+    # 4 x 8 tokens x 2 iterations in 2 s = 32 tokens/s x 1e9 FLOPs = 3.2e10 FLOP/s, above 1e10.
+    assert log(2.0)["mfu"] == 1.0
+    assert run.peak_flops == pytest.approx(3.2e10, rel=1e-12)
+    assert printed == ["MFU: 0.032 TFLOPS achieved is above the 0.01 TFLOPS peak estimated so far; the peak is "
+                       "re-estimated as this rate (megatron/training/flops.py)"]
+    # Half the rate: half the (re-estimated) peak; nothing more printed.
+    assert log(4.0)["mfu"] == pytest.approx(0.5, rel=1e-12)
+    assert len(printed) == 1

@@ -3,10 +3,11 @@
     python tools/datasets/inspect_dataset.py data/stdlib/stdlib_text_document \\
         --tokenizer-type HFTokenizer --vocab-file data/stdlib/tokenizer.json --sample 3
 
-Opening the dataset validates the header and the extents of PREFIX.idx against PREFIX.bin;
-``--check`` also scans every token (ids must be non-negative and, with a tokenizer, below its
-vocab size) and verifies that no two sequences overlap in .bin. A dataset that fails exits 1
-with the message, which names the offending file.
+Opening the dataset validates the header, the extents of PREFIX.idx against PREFIX.bin and
+that no two documents overlap in .bin; ``--check`` also scans every token (ids must be
+non-negative and, with a tokenizer, below its vocab size), as training does once per dataset
+(``indexed_dataset.check_token_ids``; this tool ignores and refreshes training's cache of the
+scan). A dataset that fails exits 1 with the message, which names the offending file.
 """
 
 from __future__ import annotations
@@ -22,36 +23,10 @@ sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), os.pa
 from megatron.data.indexed_dataset import (  # noqa: E402
     IndexedDatasetError,
     MMapIndexedDataset,
+    check_token_ids,
     data_file_path,
-    index_file_path,
 )
 from megatron.tokenizer import TOKENIZERS, AbstractTokenizer, build_tokenizer  # noqa: E402
-
-
-def deep_check(ds: MMapIndexedDataset, vocab_size: int | None) -> None:
-    """Raise IndexedDatasetError on overlapping sequences or out-of-range token ids."""
-    sizes, pointers = np.asarray(ds.sizes, dtype=np.int64), np.asarray(ds.pointers)
-    order = np.argsort(pointers, kind="stable")
-    ends = pointers[order] + sizes[order] * ds.dtype.itemsize
-    overlap = np.nonzero(ends[:-1] > pointers[order][1:])[0]
-    if len(overlap):
-        i, j = int(order[overlap[0]]), int(order[overlap[0] + 1])
-        raise IndexedDatasetError(f"{index_file_path(ds.prefix)}: sequences {i} and {j} overlap in .bin")
-    if not len(ds) or not sizes.sum():
-        return
-    tokens = np.memmap(data_file_path(ds.prefix), dtype=ds.dtype, mode="r")
-    chunk = 1 << 24  # bounded memory for multi-GB files
-    lo, hi = None, None
-    for start in range(0, len(tokens), chunk):
-        part = tokens[start:start + chunk]
-        lo = part.min() if lo is None else min(lo, part.min())
-        hi = part.max() if hi is None else max(hi, part.max())
-    if lo < 0:
-        raise IndexedDatasetError(f"{data_file_path(ds.prefix)}: negative token id {lo}")
-    if vocab_size is not None and hi >= vocab_size:
-        raise IndexedDatasetError(
-            f"{data_file_path(ds.prefix)}: token id {hi} is outside the tokenizer's vocabulary of {vocab_size}"
-        )
 
 
 def describe(ds: MMapIndexedDataset) -> list[str]:
@@ -87,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--merge-file", default=None)
     p.add_argument("--sample", type=int, nargs="*", default=[0], help="sequence ids to show (default: 0)")
     p.add_argument("--max-tokens", type=int, default=64, help="tokens to show per sample")
-    p.add_argument("--check", action="store_true", help="scan all tokens and sequence extents")
+    p.add_argument("--check", action="store_true",
+                   help="also scan every token id (against the tokenizer's vocabulary when one is given)")
     args = p.parse_args(argv)
     prefix = args.prefix[:-4] if args.prefix.endswith((".bin", ".idx")) else args.prefix
     tokenizer = None
@@ -100,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         ds = MMapIndexedDataset(prefix)
         print("\n".join(describe(ds)))
         if args.check:
-            deep_check(ds, tokenizer.vocab_size if tokenizer else None)
+            check_token_ids(ds, tokenizer.vocab_size if tokenizer else None, rescan=True)
         for i in args.sample:
             if not -len(ds) <= i < len(ds):
                 print(f"sequence {i}: out of range for {len(ds)} sequences")
@@ -109,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     except IndexedDatasetError as err:
         print(f"format check failed: {err}", file=sys.stderr)
         return 1
-    print("format check: ok" + (" (all tokens scanned)" if args.check else " (header and extents)"))
+    print("format check: ok" + (" (all tokens scanned)" if args.check else " (header, extents and overlaps)"))
     return 0
 
 
