@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import nn
@@ -30,7 +30,9 @@ from megatron.checkpointing.errors import CheckpointError
 from megatron.checkpointing.reader import CheckpointReader
 from megatron.config import NeoXConfig
 from megatron.config.schema import ModelConfig
-from megatron.parallel.groups import TensorParallel
+
+if TYPE_CHECKING:  # the groups module imports DeepSpeed, which offline tools do not need
+    from megatron.parallel.groups import TensorParallel
 
 # Fields that must agree between the checkpoint and the run for the weights to mean the same model.
 ARCHITECTURE = ("num_layers", "hidden_size", "num_attention_heads", "norm", "pos_emb", "rotary_pct",

@@ -40,6 +40,8 @@ def describe(model: ModelConfig, vocab_size: int | None, padded_vocab_size: int 
 
 
 def resolve_tag(load_dir: Path, iteration: int | None) -> str:
+    if not load_dir.is_dir():
+        raise CheckpointError(f"checkpoint directory {load_dir} does not exist")
     if iteration is not None:
         tag = f"global_step{iteration}"
     else:

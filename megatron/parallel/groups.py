@@ -11,10 +11,12 @@ pipeline engine builds the same groups from the same topology.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch.distributed as dist
-from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
+
+if TYPE_CHECKING:
+    from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 
 
 @dataclass(frozen=True)
@@ -31,6 +33,10 @@ SINGLE = TensorParallel()
 
 
 def topology(pp: int, tp: int, dp: int) -> PipeModelDataParallelTopology:
+    # Imported here: the model code uses this module, and offline tools (conversion,
+    # resharding) build models without DeepSpeed's import time and accelerator probing.
+    from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
+
     return PipeModelDataParallelTopology(num_pp=pp, num_mp=tp, num_dp=dp)
 
 
