@@ -6,7 +6,7 @@ Writes a synthetic checkpoint of this framework's pipeline layout at TP2 x PP2 (
 vocabulary, random weights: speed does not depend on the values), then times, each in a fresh
 process and interleaved round by round:
 - reshard:   tools/ckpts/reshard.py to TP1 x PP1 (read, merge, split, write every layer);
-- to_hf:     tools/ckpts/convert_neox_to_hf.py to a transformers directory (safetensors);
+- to_hf:     tools/ckpts/convert_neox_to_hf.py to a transformers directory (100 MB safetensors shards);
 - copy:      the limit: torch.load then torch.save of every file of the checkpoint, one at a time.
 For each: GB/s (checkpoint bytes / seconds, median over rounds) and peak resident memory of the
 process against the checkpoint's size (streaming tools must stay far below it). `startup` (Python
@@ -26,13 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-
-from megatron.checkpointing.writer import write_checkpoint  # noqa: E402
-from megatron.config.schema import ModelConfig  # noqa: E402
 
 VOCAB = 50277
 COPY = """
@@ -45,15 +40,23 @@ for f in sorted(src.glob("*.pt")):
 """
 
 
-def synthetic(save: Path, model: ModelConfig) -> int:
-    """Write the checkpoint; returns its size in bytes."""
+def synthetic(save: Path, layers: int, hidden: int) -> None:
+    """Write the checkpoint. Runs in a child process: a child forked from a parent holding the
+    tensors would count the parent's memory in its own peak (ru_maxrss covers the fork)."""
+    import torch
+
+    from megatron.checkpointing.writer import write_checkpoint
+    from megatron.config.schema import ModelConfig
+
+    model = ModelConfig(num_layers=layers, hidden_size=hidden, num_attention_heads=16, seq_length=2048,
+                        rotary_pct=0.25, gpt_j_residual=True, no_weight_tying=True)
     gen = torch.Generator().manual_seed(0)
     h, ffn = model.hidden_size, 4 * model.hidden_size
 
-    def rand(*shape: int) -> torch.Tensor:
+    def rand(*shape: int) -> "torch.Tensor":
         return torch.randn(*shape, generator=gen) * 0.02
 
-    def layers():
+    def layer_list():
         yield 0, {"word_embeddings.weight": rand(VOCAB, h)}
         for i in range(model.num_layers):
             yield 2 + i, {
@@ -67,8 +70,7 @@ def synthetic(save: Path, model: ModelConfig) -> int:
         yield model.num_layers + 3, {"norm.weight": torch.ones(h), "norm.bias": torch.zeros(h)}
         yield model.num_layers + 4, {"final_linear.weight": rand(VOCAB, h)}
 
-    path = write_checkpoint(save, 0, layers(), model, VOCAB, tp=2, pp=2)
-    return sum(f.stat().st_size for f in path.glob("*.pt"))
+    write_checkpoint(save, 0, layer_list(), model, VOCAB, tp=2, pp=2)
 
 
 def timed(cmd: list[str]) -> tuple[float, int]:
@@ -89,13 +91,17 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--dir", help="where to write (default: a temporary directory, removed at the end)")
+    parser.add_argument("--make", help=argparse.SUPPRESS)  # internal: write the checkpoint there and exit
     args = parser.parse_args()
-    model = ModelConfig(num_layers=args.layers, hidden_size=args.hidden, num_attention_heads=16, seq_length=2048,
-                        rotary_pct=0.25, gpt_j_residual=True, no_weight_tying=True)
+    if args.make:
+        synthetic(Path(args.make), args.layers, args.hidden)
+        return
     work = Path(args.dir or tempfile.mkdtemp(prefix="bench_ckpt_"))
     try:
-        size = synthetic(work / "src", model)
+        timed([sys.executable, __file__, "--make", str(work / "src"), "--layers", str(args.layers),
+               "--hidden", str(args.hidden)])
         src = work / "src" / "global_step0"
+        size = sum(f.stat().st_size for f in src.glob("*.pt"))
         print(f"checkpoint: {size / 1e9:.2f} GB, {args.layers} layers, hidden {args.hidden}, TP2 x PP2")
         tools = {
             # the floor under every row: starting Python and importing torch and the package
@@ -105,8 +111,10 @@ def main() -> None:
                                     "--output", str(out), "--tp", "1", "--pp", "1"],
         }
         if (ROOT / "tools/ckpts/convert_neox_to_hf.py").is_file():
+            # shards of ~100 MB: memory holds one shard and one layer (the default, 2 GB, would hold
+            # this whole checkpoint before writing it)
             tools["to_hf"] = lambda out: [sys.executable, "tools/ckpts/convert_neox_to_hf.py", "--input",
-                                          str(work / "src"), "--output", str(out)]
+                                          str(work / "src"), "--output", str(out), "--max-shard-mb", "100"]
         results: dict[str, list[tuple[float, int]]] = {name: [] for name in tools}
         for round_ in range(args.rounds):
             for name, cmd in tools.items():  # interleaved: load changes hit every tool alike
