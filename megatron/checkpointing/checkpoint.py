@@ -1,6 +1,6 @@
 """Saving and resuming: DeepSpeed's checkpoint layout plus what DeepSpeed does not keep.
 
-Layout (FACTS.md section 4): SAVE/global_stepN/ holds DeepSpeed's files (per-layer model states
+Layout (docs/checkpoints.md): SAVE/global_stepN/ holds DeepSpeed's files (per-layer model states
 with the pipeline engine, optimizer shards, engine state with our client state), plus
 configs/ with the YAML files of the run. SAVE/latest names the tag and is written last, by rank 0,
 through a rename, so a crash mid-save never leaves `latest` pointing at a partial checkpoint.

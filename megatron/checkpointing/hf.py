@@ -1,4 +1,4 @@
-"""Hugging Face `GPTNeoXForCausalLM` <-> this framework (FACTS.md section 5): the one name
+"""Hugging Face `GPTNeoXForCausalLM` <-> this framework: the one name
 mapping and the one config mapping, used by the converters (tools/ckpts/convert_*.py) and by
 `to_hf_model` (tests and benchmarks that compare against transformers).
 

@@ -13,7 +13,7 @@ start at zero and their logits are -inf, so they take no part in the softmax, th
 sampling: every padding (hence every tensor-parallel size) computes the same model.
 
 The numbering is GPT-NeoX's pipeline layer list, so DeepSpeed writes the same
-`layer_XX-model_YY-model_states.pt` files (FACTS.md section 4). The same list is run plainly by
+`layer_XX-model_YY-model_states.pt` files (docs/checkpoints.md). The same list is run plainly by
 `GPTModel` or handed to DeepSpeed's pipeline engine by `megatron.parallel.pipeline`; there is one
 copy of the architecture.
 """

@@ -2,8 +2,8 @@
 and either the parallel residual (GPT-J / NeoX-20B) or the sequential one.
 
 Shapes: activations are batch-first, [batch, seq, hidden] ([batch, seq / tp, hidden] between
-layers with sequence parallelism). Parameter names match GPT-NeoX's checkpoint files (FACTS.md
-section 4), so a layer's state_dict is a layer file. The linears are tensor-parallel ones; with
+layers with sequence parallelism). Parameter names match GPT-NeoX's checkpoint files
+(docs/checkpoints.md), so a layer's state_dict is a layer file. The linears are tensor-parallel ones; with
 one rank they are plain linears.
 
 Dropout with the parallel residual is applied once, to attn + mlp after their single reduce

@@ -16,7 +16,7 @@ from megatron.training.flops import (
     utilisation,
 )
 
-# GPT-NeoX-20B (FACTS.md section 1).
+# GPT-NeoX-20B (its paper and model card).
 L, H, S, V = 44, 6144, 2048, 50432
 
 
