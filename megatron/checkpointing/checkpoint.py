@@ -15,7 +15,6 @@ import os
 import random
 import re
 import shutil
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -113,16 +112,6 @@ def latest_tag(load_dir: str) -> str | None:
     return resolve_tag(Path(load_dir), None)
 
 
-def check_files(path: Path) -> None:
-    """Every .pt file must be a complete zip archive (torch.save's format). Reading only the
-    central directory at each file's end catches truncated copies cheaply, and names the file."""
-    for f in sorted(path.glob("*.pt")):
-        try:
-            zipfile.ZipFile(f).close()
-        except (zipfile.BadZipFile, OSError) as err:
-            raise CheckpointError(f"{f}: not a complete PyTorch checkpoint file (truncated or corrupt: {err})") from None
-
-
 def load_checkpoint(engine: Any, plan: LoadPlan | None, finetune: bool, load_optim: bool,
                     samples_per_iteration: int) -> tuple[int, int] | None:
     """Resume as `plan` says (megatron/checkpointing/loading.py). Returns (iteration,
@@ -138,7 +127,6 @@ def load_checkpoint(engine: Any, plan: LoadPlan | None, finetune: bool, load_opt
         # GPT-NeoX's client state has no sample count: every step consumed one global batch.
         consumed = reader.client.get("consumed_samples", reader.iteration * samples_per_iteration)
         return reader.iteration, int(consumed)
-    check_files(reader.path)
     root, tag = reader.root, reader.tag
     if plan.way == "universal":  # the engine was configured with load_universal (deepspeed_config)
         root, tag = reader.path, universal.prepare(reader).name

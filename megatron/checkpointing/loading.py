@@ -18,16 +18,18 @@ Three ways in, chosen once per run by `plan_load` (docs/checkpoints.md, "Loading
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from megatron.checkpointing import layout, universal
 from megatron.checkpointing.errors import CheckpointError
-from megatron.checkpointing.reader import CheckpointReader
+from megatron.checkpointing.reader import TAG, CheckpointReader, list_tags
 from megatron.config import NeoXConfig
 from megatron.config.schema import ModelConfig
 
@@ -46,13 +48,53 @@ class LoadPlan:
     why: str  # printed when the run starts from it
 
 
-def plan_load(load_dir: str | None, finetune: bool, load_optim: bool, tp: int, pp: int, dp: int,
-              zero_stage: int, allow_unsafe: bool = False) -> LoadPlan | None:
-    """None when there is nothing to load (no `load`, or a directory without `latest`).
-    `zero_stage` is the run's: DeepSpeed loads a universal checkpoint through ZeRO 1/2 only."""
-    if not load_dir or not (Path(load_dir) / "latest").is_file():
+def open_checkpoint(load_dir: str, save_dir: str | None, allow_unsafe: bool = False) -> CheckpointReader | None:
+    """The checkpoint `load` names, or None to start from scratch.
+
+    Starting from scratch is right for a job's first run only: `load` is the run's own `save`
+    directory and nothing has been saved there yet (the usual `load: X` + `save: X` recipe).
+    A `load` that does not exist or holds nothing usable otherwise is an error, so a typo never
+    silently trains from scratch. When the newest checkpoint is incomplete (a crash while it was
+    copied, say), the newest complete one before it is used, with a warning naming both."""
+    root = Path(load_dir)
+    tags = list_tags(root) if root.is_dir() else []
+    if not (root / "latest").is_file():
+        if tags:
+            raise CheckpointError(f"load: {root} holds {', '.join(tags)} but no `latest` file naming the one to "
+                                  f"resume; write it, e.g. echo {tags[0]} > {root / 'latest'}")
+        if save_dir is not None and root.resolve() == Path(save_dir).resolve():
+            return None
+        state = "does not exist" if not root.is_dir() else "holds no checkpoint"
+        raise CheckpointError(f"load: {root} {state}; point load at a checkpoint directory (one with "
+                              "`latest`), or at save's directory to start a new run there")
+    try:
+        reader = CheckpointReader(root, allow_unsafe=allow_unsafe)
+        reader.verify()
+        return reader
+    except CheckpointError as newest:
+        for tag in tags:
+            try:
+                older = CheckpointReader(root, int(TAG.match(tag).group(1)), allow_unsafe)
+                older.verify()
+            except CheckpointError:
+                continue
+            _warn(f"WARNING: the checkpoint `latest` names is unusable ({newest}); loading the newest "
+                  f"complete one instead: {older.path}")
+            return older
+        raise
+
+
+def _warn(text: str) -> None:
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(text, file=sys.stderr, flush=True)
+
+
+def plan_load(reader: CheckpointReader | None, finetune: bool, load_optim: bool, tp: int, pp: int, dp: int,
+              zero_stage: int) -> LoadPlan | None:
+    """How to load `reader` (None: nothing to load) into a run of this layout. `zero_stage` is
+    the run's: DeepSpeed loads a universal checkpoint through ZeRO 1/2 only."""
+    if reader is None:
         return None
-    reader = CheckpointReader(load_dir, allow_unsafe=allow_unsafe)
     if finetune:
         return LoadPlan(reader, "resharded", "finetune: weights only, iteration 0")
     same_layout = (reader.is_ours and reader.layout in (("pipe",) if pp >= 1 else ("plain", "zero3"))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import zipfile
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,12 @@ def describe(model: ModelConfig, vocab_size: int | None, padded_vocab_size: int 
             "vocab_size": vocab_size, "padded_vocab_size": padded_vocab_size}
 
 
+def list_tags(load_dir: Path) -> list[str]:
+    """The checkpoint folders in `load_dir`, newest first."""
+    found = [p.name for p in load_dir.glob("global_step*") if p.is_dir() and TAG.match(p.name)]
+    return sorted(found, key=lambda name: int(TAG.match(name).group(1)), reverse=True)
+
+
 def resolve_tag(load_dir: Path, iteration: int | None) -> str:
     if not load_dir.is_dir():
         raise CheckpointError(f"checkpoint directory {load_dir} does not exist")
@@ -48,7 +55,11 @@ def resolve_tag(load_dir: Path, iteration: int | None) -> str:
         marker = load_dir / "latest"
         if not marker.is_file():
             raise CheckpointError(f"{load_dir}: no `latest` file; pass the iteration to read")
-        tag = marker.read_text().strip()
+        try:
+            tag = marker.read_text().strip()
+        except UnicodeDecodeError:
+            raise CheckpointError(f"{marker} does not hold a checkpoint tag (binary content): write the tag to "
+                                  "resume, e.g. global_step1000") from None
     if not (load_dir / tag).is_dir():
         found = sorted(p.name for p in load_dir.glob("global_step*") if p.is_dir())
         named = f"{load_dir / 'latest'} names {tag!r} but " if iteration is None else ""
@@ -119,6 +130,15 @@ class CheckpointReader:
             return 0
         dims = self.client.get("checkpoint_parallel_dimensions") or {}
         return int(dims.get("pp_degree", self.client.get("mp_world_size", self.tp) // self.tp))
+
+    def verify(self) -> None:
+        """Every .pt file must be a complete zip archive (torch.save's format). Reading only the
+        central directory at each file's end catches truncated copies cheaply, and names the file."""
+        for f in sorted(self.path.glob("*.pt")):
+            try:
+                zipfile.ZipFile(f).close()
+            except (zipfile.BadZipFile, OSError) as err:
+                raise CheckpointError(f"{f}: not a complete PyTorch checkpoint file (truncated or corrupt: {err})") from None
 
     @property
     def has_optimizer_state(self) -> bool:

@@ -14,7 +14,7 @@ import deepspeed
 import torch
 import torch.distributed as dist
 
-from megatron.checkpointing.loading import LoadPlan, load_weights, plan_load
+from megatron.checkpointing.loading import LoadPlan, load_weights, open_checkpoint, plan_load
 from megatron.config import NeoXConfig, deepspeed_config
 from megatron.config.deepspeed import framework_clips
 from megatron.parallel.device import local_device
@@ -115,9 +115,9 @@ def build_engine(cfg: NeoXConfig, groups: ParallelGroups) -> tuple[Stepper, Anne
         ckpt = cfg.training.checkpoint_num_layers if cfg.training.checkpoint_activations else 0
         module = GPTModel(defs, checkpoint_num_layers=ckpt)
     ck = cfg.checkpoint
-    plan = plan_load(ck.load, ck.finetune, not ck.no_load_optim, cfg.parallel.model_parallel_size,
-                     cfg.parallel.pipe_parallel_size, d.data_parallel_size, cfg.optimizer.zero_optimization.stage,
-                     ck.allow_unsafe_checkpoint_load)
+    reader = open_checkpoint(ck.load, ck.save, ck.allow_unsafe_checkpoint_load) if ck.load else None
+    plan = plan_load(reader, ck.finetune, not ck.no_load_optim, cfg.parallel.model_parallel_size,
+                     cfg.parallel.pipe_parallel_size, d.data_parallel_size, cfg.optimizer.zero_optimization.stage)
     if plan is not None and plan.way == "resharded":
         load_weights(module, plan.reader, cfg.model, groups.tensor)  # before DeepSpeed copies them
     mark_for_grad_norm(module, groups.tensor)

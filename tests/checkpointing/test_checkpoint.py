@@ -43,3 +43,49 @@ def test_keep_last_n_prunes_after_latest_moved(tmp_path):
         save_checkpoint(FakeEngine(), save, it, it * 8, (), keep_last_n=2)
     assert sorted(p.name for p in Path(save).iterdir()) == ["global_step2", "global_step3", "latest"]
     assert latest_tag(save) == "global_step3"
+
+
+def write_small(save: Path, iteration: int) -> Path:
+    """A real (tiny) checkpoint of ours, through the writer."""
+    from megatron.checkpointing.loading import local_layers
+    from megatron.checkpointing.writer import write_checkpoint
+    from megatron.config.schema import ModelConfig
+    from megatron.model import GPTModel, layer_defs
+
+    model = ModelConfig(num_layers=1, hidden_size=16, num_attention_heads=2, no_weight_tying=True)
+    layers = [(n, m.state_dict()) for n, m in local_layers(GPTModel(layer_defs(model, 128, 64, 32, seed=0)))]
+    return write_checkpoint(save, iteration, layers, model, 100, tp=1, pp=1)
+
+
+def test_what_load_may_name(tmp_path, capsys):
+    """A fresh start only where the run will save; otherwise every unusable `load` is named."""
+    from megatron.checkpointing.errors import CheckpointError
+    from megatron.checkpointing.loading import open_checkpoint
+
+    ck = tmp_path / "ck"
+    assert open_checkpoint(str(ck), str(ck)) is None  # a job's first run: load = save, nothing yet
+    with pytest.raises(CheckpointError, match=f"load: {tmp_path / 'typo'} does not exist; point load at"):
+        open_checkpoint(str(tmp_path / "typo"), str(ck))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match=f"load: {tmp_path / 'empty'} holds no checkpoint"):
+        open_checkpoint(str(tmp_path / "empty"), str(ck))
+    write_small(ck, 1)
+    newest = write_small(ck, 2)
+    assert open_checkpoint(str(ck), None).tag == "global_step2"
+    (ck / "latest").unlink()
+    with pytest.raises(CheckpointError, match=f"holds global_step2, global_step1 but no `latest` file naming the "
+                                              f"one to resume; write it, e.g. echo global_step2 > {ck / 'latest'}"):
+        open_checkpoint(str(ck), str(ck))
+    (ck / "latest").write_bytes(b"\xff\xfe\x00junk")  # junk: named, and the newest complete one is used
+    capsys.readouterr()
+    assert open_checkpoint(str(ck), str(ck)).tag == "global_step2"
+    assert f"{ck / 'latest'} does not hold a checkpoint tag (binary content)" in capsys.readouterr().err
+    # The newest checkpoint truncated (a copy cut short): the previous complete one, loudly.
+    (ck / "latest").write_text("global_step2")
+    layer = newest / "layer_02-model_00-model_states.pt"
+    layer.write_bytes(layer.read_bytes()[:64])
+    capsys.readouterr()
+    assert open_checkpoint(str(ck), str(ck)).tag == "global_step1"
+    err = capsys.readouterr().err
+    assert f"WARNING: the checkpoint `latest` names is unusable ({layer}: not a complete PyTorch checkpoint" in err
+    assert f"loading the newest complete one instead: {ck / 'global_step1'}" in err
