@@ -230,7 +230,9 @@ class LauncherConfig:
         None, "Processes per node; default: one per GPU of this machine, or TP x PP on a CPU-only one (gloo)."
     )
     num_nodes: int = doc(1, "Nodes (multi-node launchers come later).")
-    master_port: int = doc(29500, "Rendezvous port.")
+    master_port: int | None = doc(
+        None, "Rendezvous port. Unset: on one node a free port is chosen at launch, so two runs side by side "
+        "do not collide; across nodes 29500 (GPT-NeoX's default).")
     hostfile: str | None = doc(None, "DeepSpeed hostfile for multi-node runs.")
     launcher: str = doc("pdsh", "Multi-node launcher name passed to DeepSpeed.")
 

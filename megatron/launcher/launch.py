@@ -9,6 +9,7 @@ On a CPU-only machine N is num_gpus or TP x PP, and each rank gets cores // N Op
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 
@@ -16,9 +17,20 @@ from megatron.config import NeoXConfig
 from megatron.parallel.device import device_type
 
 
+MULTI_NODE_PORT = 29500  # every node must agree on it without talking first
+
+
+def free_port() -> int:
+    """A port nothing listens on now (the kernel's choice), for a rendezvous on this machine."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def launch_command(cfg: NeoXConfig, script: str, config_files: list[str]) -> list[str]:
     per_node = cfg.derived.world_size // cfg.launcher.num_nodes
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--master_port", str(cfg.launcher.master_port)]
+    port = cfg.launcher.master_port or (free_port() if cfg.launcher.num_nodes == 1 else MULTI_NODE_PORT)
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--master_port", str(port)]
     if cfg.launcher.num_nodes > 1:
         cmd += ["--hostfile", str(cfg.launcher.hostfile), "--num_nodes", str(cfg.launcher.num_nodes),
                 "--num_gpus", str(per_node), "--launcher", cfg.launcher.launcher]

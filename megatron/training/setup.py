@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import random
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ from megatron.checkpointing.loading import LoadPlan
 from megatron.config import ConfigError, NeoXConfig, load_config
 from megatron.config.validate import check_launchable
 from megatron.data.datasets import build_datasets, build_streaming_datasets
+from megatron.launcher.launch import free_port
 from megatron.logging import MetricsLogger
 from megatron.parallel.device import (allow_fp16_on_cpu, default_backend, device_type, keep_freed_host_memory,
                                       local_device)
@@ -32,19 +32,13 @@ from megatron.training.lr_schedule import AnnealingLR
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def init_distributed(backend: str | None) -> None:
     """Join the process group the launcher set up; a bare `python train.py` becomes a world of 1."""
     if dist.is_initialized():
         return
     if "WORLD_SIZE" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(_free_port()))
+                          MASTER_PORT=str(free_port()))
     deepspeed.init_distributed(dist_backend=default_backend(backend))
     if device_type() == "cpu":
         _unlink_deepspeed_shm_buffer()

@@ -61,3 +61,24 @@ def test_impossible_layout_names_the_numbers(tiny):
     proc = run_cli("deepy.py", "train.py", tiny(model_parallel_size=2, num_gpus=3))
     assert proc.returncode == 2
     assert "config error: world size 3 is not divisible by model_parallel_size 2 x pipe_parallel_size 1 = 2" in proc.stderr
+
+
+def test_unset_master_port_is_a_free_one(tiny):
+    """Two runs side by side on one machine must not both take 29500: unset, the port is one the
+    kernel hands out as free (binding it proves it was); set, it is used as given; across nodes
+    every node must agree without talking, so 29500."""
+    import socket
+
+    from megatron.config import load_config
+    from megatron.launcher.launch import launch_command
+
+    def port(**kw) -> int:
+        cmd = launch_command(load_config([tiny(**kw)], require_files=False), "train.py", [])
+        return int(cmd[cmd.index("--master_port") + 1])
+
+    first, second = port(), port()
+    for chosen in (first, second):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", chosen))
+    assert port(master_port=29123) == 29123
+    assert port(num_nodes=2, hostfile="hosts") == 29500
