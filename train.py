@@ -8,7 +8,7 @@ import sys
 from megatron.checkpointing.checkpoint import CheckpointError
 from megatron.config import ConfigError
 from megatron.data.indexed_dataset import IndexedDatasetError
-from megatron.training.loop import pretrain
+from megatron.training.loop import TrainingError, pretrain
 from megatron.training.setup import worker_config
 
 
@@ -18,7 +18,7 @@ def main(argv: list[str]) -> int:
     try:
         cfg, _ = worker_config(configs)
         pretrain(cfg)
-    except (ConfigError, CheckpointError, IndexedDatasetError, FileNotFoundError) as err:
+    except (ConfigError, CheckpointError, IndexedDatasetError, TrainingError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         return 2
     return 0

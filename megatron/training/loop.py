@@ -7,6 +7,7 @@ what the step computes.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -18,6 +19,10 @@ from megatron.config import NeoXConfig
 from megatron.data.loader import eval_batches, micro_batches
 from megatron.training.flops import utilisation
 from megatron.training.setup import RunState, build_run
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (a non-finite loss); the message says what to change."""
 
 
 @dataclass
@@ -105,6 +110,10 @@ def train(run: RunState) -> list[float]:
     while iteration < end:
         loss = run.stepper.train_batch(data)
         iteration += 1
+        if not math.isfinite(loss) and d.precision != "fp16":  # fp16 skips such steps itself
+            kept = f", so {ck.save}/latest still names the last good checkpoint" if ck.save else ""
+            raise TrainingError(f"iteration {iteration}: the loss is {loss} ({d.precision}); stopping without "
+                                f"saving{kept}. Lower the learning rate or lengthen warmup, then resume")
         consumed += d.train_batch_size
         losses.append(loss)
         stats.losses.append(loss)

@@ -273,3 +273,17 @@ def test_token_ids_outside_the_vocabulary_are_named_before_training(tiny, tmp_pa
     assert proc.returncode == 2
     assert (f"error: {prefix}.bin: document 1 holds token id 1000, outside the tokenizer's 257 ids "
             "(made with another tokenizer?)") in proc.stderr
+
+
+def test_non_finite_loss_stops_without_overwriting_the_checkpoint(tiny, tmp_path):
+    """fp32 with an absurd learning rate: the loss is NaN at step 4. The run stops there with the
+    iteration named, and `latest` stays on the step-3 checkpoint (the last good one)."""
+    cfg = tiny(train_iters=8, checkpoint_factor=1, eval_interval=100, warmup=0.0, gradient_clipping=0.0,
+               optimizer={"type": "Adam", "params": {"lr": 1.0e4, "betas": [0.9, 0.95], "eps": 1.0e-8}})
+    proc = run_cli("train.py", cfg)
+    assert proc.returncode == 2
+    ckpt = tmp_path / "run" / "ckpt"
+    assert (f"error: iteration 4: the loss is nan (fp32); stopping without saving, so {ckpt}/latest still names "
+            "the last good checkpoint") in proc.stderr
+    assert (ckpt / "latest").read_text() == "global_step3" and not (ckpt / "global_step4").exists()
+    assert len(losses(tmp_path / "run" / "logs")) == 3
