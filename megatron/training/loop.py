@@ -87,6 +87,12 @@ def train(run: RunState) -> list[float]:
             iteration, consumed = resumed
             run.print(f"resumed from {ck.load} at iteration {iteration} ({consumed} samples consumed; "
                       f"{run.load_plan.why})")
+            saved_decay = run.load_plan.reader.client.get("lr_decay_iters")
+            if iteration and saved_decay is not None and saved_decay != d.lr_decay_iters:
+                run.print(f"learning-rate schedule: the checkpoint decayed over {saved_decay} iterations, this run "
+                          f"over {d.lr_decay_iters} (lr_decay_iters, train_iters when unset): from iteration "
+                          f"{iteration} the rate follows the new schedule; set lr_decay_iters: {saved_decay} "
+                          "to keep the old one")
         else:
             run.print(f"no checkpoint in {ck.load}: starting from scratch")
     data = micro_batches(run.train, consumed, d.micro_batch_size, d.data_parallel_size, run.dp_rank)
@@ -95,7 +101,8 @@ def train(run: RunState) -> list[float]:
     def save() -> None:
         nonlocal last_saved
         path = save_checkpoint(run.stepper.engine, ck.save, iteration, consumed, cfg.config_files,
-                               ck.keep_last_n_checkpoints, describe(cfg.model, d.vocab_size, d.padded_vocab_size))
+                               ck.keep_last_n_checkpoints,
+                               {**describe(cfg.model, d.vocab_size, d.padded_vocab_size), "lr_decay_iters": d.lr_decay_iters})
         last_saved = iteration
         run.print(f"saved checkpoint {path}")
 

@@ -287,3 +287,13 @@ def test_non_finite_loss_stops_without_overwriting_the_checkpoint(tiny, tmp_path
             "the last good checkpoint") in proc.stderr
     assert (ckpt / "latest").read_text() == "global_step3" and not (ckpt / "global_step4").exists()
     assert len(losses(tmp_path / "run" / "logs")) == 3
+
+
+def test_resume_says_when_the_lr_schedule_is_stretched(tiny, tmp_path):
+    kw = dict(eval_interval=100, checkpoint_factor=None, load=str(tmp_path / "run" / "ckpt"))
+    assert run_cli("train.py", tiny(train_iters=4, **kw)).returncode == 0
+    proc = run_cli("train.py", tiny(train_iters=6, **kw))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert ("learning-rate schedule: the checkpoint decayed over 4 iterations, this run over 6 (lr_decay_iters, "
+            "train_iters when unset): from iteration 4 the rate follows the new schedule; set lr_decay_iters: 4 "
+            "to keep the old one") in proc.stdout
