@@ -234,6 +234,9 @@ class LauncherConfig:
         None, "Rendezvous port. Unset: on one node a free port is chosen at launch, so two runs side by side "
         "do not collide; across nodes 29500 (GPT-NeoX's default).")
     hostfile: str | None = doc(None, "DeepSpeed hostfile for multi-node runs.")
+    preemption_grace_seconds: float = doc(
+        600.0, "After a SIGTERM/SIGUSR1/SIGINT to deepy.py the workers finish the step, save and exit; those "
+        "still running this many seconds later are killed. Keep it below the scheduler's warning time.")
     launcher: str = doc("pdsh", "Multi-node launcher name passed to DeepSpeed.")
 
 

@@ -9,9 +9,13 @@ On a CPU-only machine N is num_gpus or TP x PP, and each rank gets cores // N Op
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
+
+import psutil
 
 from megatron.config import NeoXConfig
 from megatron.parallel.device import device_type
@@ -48,7 +52,53 @@ def worker_env(cfg: NeoXConfig) -> dict[str, str]:
     return env
 
 
+def _workers(launcher: subprocess.Popen) -> list[psutil.Process]:
+    """The worker processes under DeepSpeed's launcher on this node (they carry --local_rank)."""
+    try:
+        children = psutil.Process(launcher.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+    found = []
+    for child in children:
+        try:
+            if any(arg.startswith("--local_rank") for arg in child.cmdline()):
+                found.append(child)
+        except psutil.Error:
+            pass
+    return found
+
+
 def launch(cfg: NeoXConfig, script: str, config_files: list[str]) -> int:
+    """Run the launcher and wait for it. A SIGTERM, SIGUSR1 or SIGINT to deepy.py goes to the
+    workers themselves, which finish the step, save and exit 0 (megatron/training/preemption.py).
+    The launcher runs in its own session so that a terminal's Ctrl-C reaches it only this way:
+    DeepSpeed's launcher would otherwise kill the workers on SIGINT/SIGTERM before they saved.
+    Workers still alive `preemption_grace_seconds` after the signal are killed."""
     cmd = launch_command(cfg, script, config_files)
     print("launching: " + " ".join(cmd), flush=True)
-    return subprocess.call(cmd, env=worker_env(cfg))
+    launcher = subprocess.Popen(cmd, env=worker_env(cfg), start_new_session=True)
+    deadline: list[float] = []
+
+    def forward(signum: int, frame: object) -> None:
+        if signum == signal.SIGINT and deadline:  # Ctrl-C twice: stop now
+            os.killpg(launcher.pid, signal.SIGKILL)
+            return
+        workers = _workers(launcher)
+        print(f"deepy.py: {signal.Signals(signum).name} passed to {len(workers)} worker(s); they save and stop "
+              f"after the current step", flush=True)
+        for worker in workers:
+            worker.send_signal(signum)
+        deadline.append(time.monotonic() + cfg.launcher.preemption_grace_seconds)
+
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        signal.signal(sig, forward)
+    while True:
+        try:
+            return launcher.wait(timeout=1.0)
+        except subprocess.TimeoutExpired:
+            if deadline and time.monotonic() > deadline[0]:
+                print(f"deepy.py: workers still running {cfg.launcher.preemption_grace_seconds} s after the "
+                      "signal; killing them", file=sys.stderr, flush=True)
+                os.killpg(launcher.pid, signal.SIGKILL)
+                launcher.wait()
+                return 1

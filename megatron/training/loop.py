@@ -18,6 +18,7 @@ from megatron.checkpointing.reader import describe
 from megatron.config import NeoXConfig
 from megatron.data.loader import eval_batches, micro_batches
 from megatron.training.flops import utilisation
+from megatron.training.preemption import Preemption
 from megatron.training.setup import RunState, build_run
 
 
@@ -75,10 +76,12 @@ def _log(run: RunState, iteration: int, stats: IntervalStats) -> None:
 
 
 def train(run: RunState) -> list[float]:
-    """Run from the loaded iteration to train_iters, or to the next multiple of exit_interval
-    (checkpointed, so that the same command resumes). Returns the losses."""
+    """Run from the loaded iteration to train_iters, or to the next multiple of exit_interval, or
+    until a signal (megatron/training/preemption.py): checkpointed, so that the same command
+    resumes. Returns the losses."""
     cfg, d = run.cfg, run.cfg.derived
     ck = cfg.checkpoint
+    preemption = Preemption(run.stepper.engine.device)  # from here on a signal means: save and stop
     iteration, consumed = 0, 0
     if ck.load:
         resumed = load_checkpoint(run.stepper.engine, run.load_plan, ck.finetune, not ck.no_load_optim,
@@ -131,6 +134,13 @@ def train(run: RunState) -> list[float]:
             stats.start = time.perf_counter()  # eval time is not training throughput
         if ck.save and ck.checkpoint_factor and iteration % ck.checkpoint_factor == 0:
             save()
+        if preemption.agreed():
+            if ck.save and last_saved != iteration:
+                save()
+            kept = f"; the same command resumes from {ck.save}" if ck.save else "; no save directory, nothing kept"
+            run.print(f"stopping after iteration {iteration} on {preemption.received or 'a signal to another rank'}"
+                      f"{kept}")
+            return losses
     if not (cfg.training.eval_interval and iteration % cfg.training.eval_interval == 0):
         evaluate(run, iteration)
     if ck.save and last_saved != iteration:
