@@ -78,15 +78,32 @@ def save_checkpoint(engine: Any, save_dir: str, iteration: int, consumed_samples
         configs.mkdir(parents=True, exist_ok=True)
         for f in config_files:
             shutil.copy2(f, configs / Path(f).name)
-    _barrier()  # every rank's shards are on disk before `latest` moves
+    _barrier()  # every rank's shards are written...
+    if int(os.environ.get("LOCAL_RANK", 0)) == 0:
+        _flush(path)  # ...and on disk, from each node's page cache, before `latest` moves
+    _barrier()
     if _rank() == 0:
         tmp = Path(save_dir) / "latest.tmp"
         tmp.write_text(tag)
+        _flush(tmp)
         os.replace(tmp, Path(save_dir) / "latest")
+        _flush(Path(save_dir))  # the rename itself
         if keep_last_n:
             prune(save_dir, keep_last_n)
     _barrier()
     return path
+
+
+def _flush(path: Path) -> None:
+    """fsync a file, or a directory and every file below it: a power loss or a node crash after
+    `latest` moved must not leave it naming files that were still only in memory."""
+    targets = [path] if path.is_file() else [*(p for p in path.rglob("*") if p.is_file()), path]
+    for target in targets:
+        fd = os.open(target, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def list_checkpoints(save_dir: str) -> list[tuple[int, Path]]:

@@ -37,6 +37,26 @@ def test_latest_moves_only_after_a_complete_save(tmp_path):
     assert sorted(p.name for p in Path(save).iterdir()) == ["global_step1", "global_step2", "latest"]
 
 
+def test_files_are_on_disk_before_latest_moves(tmp_path, monkeypatch):
+    """Every file of the checkpoint, and `latest`'s new content, is fsynced before the rename
+    that makes `latest` name it; the directory after it (so the rename survives a crash)."""
+    import os
+
+    events: list[tuple[str, str]] = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))) or real_fsync(fd))
+    monkeypatch.setattr(os, "replace", lambda a, b: events.append(("replace", str(b))) or real_replace(a, b))
+    config = tmp_path / "run.yml"
+    config.write_text("train_iters: 2\n")
+    save = tmp_path / "ckpt"
+    save_checkpoint(FakeEngine(), str(save), 1, 8, (str(config),), None)
+    moved = events.index(("replace", str(save / "latest")))
+    synced_before = {path for kind, path in events[:moved] if kind == "fsync"}
+    assert {str(save / "global_step1" / "mp_rank_00_model_states.pt"), str(save / "global_step1" / "configs" / "run.yml"),
+            str(save / "latest.tmp")} <= synced_before
+    assert ("fsync", str(save)) in events[moved:]
+
+
 def test_keep_last_n_prunes_after_latest_moved(tmp_path):
     save = str(tmp_path / "ckpt")
     for it in (1, 2, 3):
