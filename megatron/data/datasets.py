@@ -26,7 +26,8 @@ import numpy as np
 
 from megatron.data.blended_dataset import BlendedDataset, BlendIndex
 from megatron.data.gpt_dataset import GPTDataset, build_train_valid_test_datasets
-from megatron.data.indexed_dataset import MMapIndexedDataset, check_token_ids
+from megatron.data.indexed_dataset import MMapIndexedDataset
+from megatron.data.token_ids import check_token_ids
 from megatron.data.streaming import StreamingDataset
 
 SPLIT_NAMES = ("train", "valid", "test")

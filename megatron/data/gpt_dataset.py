@@ -34,7 +34,8 @@ import time
 
 import numpy as np
 
-from megatron.data.indexed_dataset import MMapIndexedDataset, check_token_ids, distributed
+from megatron.data.indexed_dataset import MMapIndexedDataset, distributed
+from megatron.data.token_ids import check_token_ids
 
 logger = logging.getLogger(__name__)
 

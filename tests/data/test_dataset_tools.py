@@ -11,11 +11,11 @@ import pytest
 from megatron.data.indexed_dataset import (
     MMapIndexedDataset,
     MMapIndexedDatasetBuilder,
-    check_token_ids,
     index_file_path,
     merge_indexed_datasets,
     write_index,
 )
+from megatron.data.token_ids import check_token_ids
 from megatron.tokenizer import build_tokenizer
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir, os.pardir))

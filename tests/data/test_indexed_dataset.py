@@ -8,18 +8,16 @@ import struct
 import numpy as np
 import pytest
 
-from megatron.data import indexed_dataset
+from megatron.data import token_ids
 from megatron.data.datasets import build_datasets
 from megatron.data.indexed_dataset import (
     IndexedDatasetError,
     MMapIndexedDataset,
     MMapIndexedDatasetBuilder,
-    TokenIdRange,
     best_dtype,
-    check_token_ids,
-    scan_token_ids,
     write_index,
 )
+from megatron.data.token_ids import TokenIdRange, check_token_ids, scan_token_ids
 
 
 def write(prefix, docs, dtype):
@@ -214,7 +212,7 @@ def test_layouts_that_share_no_bytes_open(tmp_path):
 
 
 def test_scan_reads_only_documents_across_batches(tmp_path, monkeypatch):
-    monkeypatch.setattr(indexed_dataset, "_SCAN_TOKENS", 4)  # many batches, documents longer than one
+    monkeypatch.setattr(token_ids, "_SCAN_TOKENS", 4)  # many batches, documents longer than one
     rng = np.random.default_rng(0)
     docs = [rng.integers(-1000, 1000, size=int(n)) for n in rng.integers(0, 9, size=40)]
     ds = MMapIndexedDataset(write(tmp_path / "many", docs, np.int32))
@@ -248,8 +246,8 @@ def test_the_scan_is_cached_until_a_file_changes(tmp_path, monkeypatch):
     cache = json.loads(open(p + ".idx.tokenids.json").read())
     assert cache["range"] == {"min_id": 1, "min_document": 0, "max_id": 300, "max_document": 1}
     scans = []
-    real_scan = indexed_dataset.scan_token_ids
-    monkeypatch.setattr(indexed_dataset, "scan_token_ids", lambda ds: scans.append(ds.prefix) or real_scan(ds))
+    real_scan = token_ids.scan_token_ids
+    monkeypatch.setattr(token_ids, "scan_token_ids", lambda ds: scans.append(ds.prefix) or real_scan(ds))
     check_token_ids(MMapIndexedDataset(p), 301)
     assert scans == []
     # Same size, new tokens and mtime: the cache no longer applies.
@@ -259,7 +257,7 @@ def test_the_scan_is_cached_until_a_file_changes(tmp_path, monkeypatch):
         check_token_ids(MMapIndexedDataset(p), 301)
     assert scans == [p]
     # A cache that cannot be written (read-only directory) is skipped: the answer is the same.
-    monkeypatch.setattr(indexed_dataset, "token_id_cache_path", lambda prefix: str(tmp_path / "ro" / "x.json"))
+    monkeypatch.setattr(token_ids, "token_id_cache_path", lambda prefix: str(tmp_path / "ro" / "x.json"))
     check_token_ids(MMapIndexedDataset(p), 401)
     assert scans == [p, p] and not (tmp_path / "ro").exists()
 
@@ -278,11 +276,11 @@ def test_ranks_other_than_0_read_rank_0s_scan(tmp_path, monkeypatch):
         def barrier(self):
             events.append(f"barrier {self.rank}")
 
-    real_scan = indexed_dataset.scan_token_ids
-    monkeypatch.setattr(indexed_dataset, "scan_token_ids", lambda ds: events.append("scan") or real_scan(ds))
-    monkeypatch.setattr(indexed_dataset, "distributed", lambda: FakeDist(0))
+    real_scan = token_ids.scan_token_ids
+    monkeypatch.setattr(token_ids, "scan_token_ids", lambda ds: events.append("scan") or real_scan(ds))
+    monkeypatch.setattr(token_ids, "distributed", lambda: FakeDist(0))
     check_token_ids(MMapIndexedDataset(p), 301)
-    monkeypatch.setattr(indexed_dataset, "distributed", lambda: FakeDist(1))
+    monkeypatch.setattr(token_ids, "distributed", lambda: FakeDist(1))
     with pytest.raises(IndexedDatasetError, match="document 1 holds token id 300, outside the tokenizer's 300 ids"):
         check_token_ids(MMapIndexedDataset(p), 300)
     assert events == ["scan", "barrier 0", "barrier 1"]

@@ -6,7 +6,7 @@
 Opening the dataset validates the header, the extents of PREFIX.idx against PREFIX.bin and
 that no two documents overlap in .bin; ``--check`` also scans every token (ids must be
 non-negative and, with a tokenizer, below its vocab size), as training does once per dataset
-(``indexed_dataset.check_token_ids``; this tool ignores and refreshes training's cache of the
+(``token_ids.check_token_ids``; this tool ignores and refreshes training's cache of the
 scan). A dataset that fails exits 1 with the message, which names the offending file.
 """
 
@@ -20,12 +20,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir, os.pardir)))
 
-from megatron.data.indexed_dataset import (  # noqa: E402
-    IndexedDatasetError,
-    MMapIndexedDataset,
-    check_token_ids,
-    data_file_path,
-)
+from megatron.data.indexed_dataset import IndexedDatasetError, MMapIndexedDataset, data_file_path  # noqa: E402
+from megatron.data.token_ids import check_token_ids  # noqa: E402
 from megatron.tokenizer import TOKENIZERS, AbstractTokenizer, build_tokenizer  # noqa: E402
 
 
