@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import random
-import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -25,10 +24,9 @@ import torch.distributed as dist
 from megatron.checkpointing import universal
 from megatron.checkpointing.errors import CheckpointError
 from megatron.checkpointing.loading import LoadPlan
-from megatron.checkpointing.reader import resolve_tag
+from megatron.checkpointing.reader import list_tags, resolve_tag
 from megatron.parallel import random as tp_random
 
-TAG_PATTERN = re.compile(r"^global_step(\d+)$")
 
 
 def tag_for(iteration: int) -> str:
@@ -106,21 +104,12 @@ def _flush(path: Path) -> None:
             os.close(fd)
 
 
-def list_checkpoints(save_dir: str) -> list[tuple[int, Path]]:
-    found = []
-    for p in Path(save_dir).iterdir() if Path(save_dir).is_dir() else []:
-        m = TAG_PATTERN.match(p.name)
-        if m and p.is_dir():
-            found.append((int(m.group(1)), p))
-    return sorted(found)
-
-
 def prune(save_dir: str, keep_last_n: int) -> None:
     """Delete all but the newest `keep_last_n` checkpoints (never the one `latest` names)."""
     latest = (Path(save_dir) / "latest").read_text().strip()
-    for _, path in list_checkpoints(save_dir)[:-keep_last_n]:
-        if path.name != latest:
-            shutil.rmtree(path)
+    for tag in list_tags(Path(save_dir))[keep_last_n:]:
+        if tag != latest:
+            shutil.rmtree(Path(save_dir) / tag)
 
 
 def latest_tag(load_dir: str) -> str | None:
