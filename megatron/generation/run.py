@@ -27,8 +27,8 @@ from megatron.generation.sampling import Sampling
 from megatron.model.gpt import GPTModel, layer_defs
 from megatron.parallel.device import local_device
 from megatron.parallel.groups import ParallelGroups
-from megatron.tokenizer import AbstractTokenizer, build_tokenizer
-from megatron.training.setup import DTYPES, init_distributed
+from megatron.tokenizer import AbstractTokenizer
+from megatron.training.setup import DTYPES, config_tokenizer, init_distributed
 
 Record = dict[str, object]
 
@@ -36,12 +36,7 @@ Record = dict[str, object]
 def generation_config(paths: list[str]) -> tuple[NeoXConfig, AbstractTokenizer]:
     """The config and tokenizer, without the training data files (generation reads none)."""
     cfg = load_config(paths, require_files=False)
-    try:
-        tok = build_tokenizer(cfg.data.tokenizer_type, cfg.data.vocab_file, cfg.data.merge_file)
-    except (ValueError, FileNotFoundError) as err:
-        raise ConfigError(str(err)) from None
-    if cfg.model.vocab_size is not None and cfg.model.vocab_size != tok.vocab_size:
-        raise ConfigError(f"vocab_size {cfg.model.vocab_size} in the config but the tokenizer has {tok.vocab_size}")
+    tok = config_tokenizer(cfg)
     if cfg.generation.text_gen_type is None:
         raise ConfigError("set text_gen_type: 'unconditional', 'input-file' or 'interactive' "
                           "(e.g. add configs/text_generation.yml)")

@@ -58,16 +58,24 @@ def _unlink_deepspeed_shm_buffer() -> None:
     Path("/dev/shm", name).unlink(missing_ok=True)
 
 
-def worker_config(paths: list[str]) -> tuple[NeoXConfig, AbstractTokenizer]:
-    """The config as this process sees it: world size from the launcher, vocab from the tokenizer."""
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    cfg = load_config(paths, world_size=world)
-    tok = build_tokenizer(cfg.data.tokenizer_type, cfg.data.vocab_file, cfg.data.merge_file)
+def config_tokenizer(cfg: NeoXConfig) -> AbstractTokenizer:
+    """The tokenizer the config names, checked against a vocab_size the config states."""
+    try:
+        tok = build_tokenizer(cfg.data.tokenizer_type, cfg.data.vocab_file, cfg.data.merge_file)
+    except (ValueError, FileNotFoundError) as err:
+        raise ConfigError(str(err)) from None
     if cfg.model.vocab_size is not None and cfg.model.vocab_size != tok.vocab_size:
         raise ConfigError(
             f"vocab_size {cfg.model.vocab_size} in the config but the tokenizer "
             f"({cfg.data.vocab_file or cfg.data.tokenizer_type}) has {tok.vocab_size} entries"
         )
+    return tok
+
+
+def worker_config(paths: list[str]) -> tuple[NeoXConfig, AbstractTokenizer]:
+    """The config as this process sees it: world size from the launcher, vocab from the tokenizer."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    tok = config_tokenizer(load_config(paths, world_size=world))
     cfg = load_config(paths, world_size=world, vocab_size=tok.vocab_size)
     check_launchable(cfg)
     return cfg, tok
