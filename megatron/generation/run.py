@@ -28,7 +28,7 @@ from megatron.model.gpt import GPTModel, layer_defs
 from megatron.parallel.device import local_device
 from megatron.parallel.groups import ParallelGroups
 from megatron.tokenizer import AbstractTokenizer
-from megatron.training.setup import DTYPES, config_tokenizer, init_distributed
+from megatron.training.setup import DTYPES, config_tokenizer, init_distributed, shutdown_distributed
 
 Record = dict[str, object]
 
@@ -166,15 +166,18 @@ def run(paths: list[str]) -> None:
     elif mode == "input-file":
         texts = read_prompts(cfg.generation.sample_input_file, cfg.generation.prompt_end)
     init_distributed(cfg.training.distributed_backend)
-    groups = _layout(cfg)
-    gen = TextGenerator(cfg, tok, groups, build_model(cfg, groups, local_device()))
-    if mode == "interactive":
-        interactive(gen)
-        return
-    start = time.perf_counter()
-    records = batch_replicated(gen, texts)
-    if dist.get_rank() == 0:
-        write_records(records, cfg.generation.sample_output_file)
-        tokens = sum(r["length"] for r in records)
-        print(f"wrote {len(records)} completion(s), {tokens} tokens in {time.perf_counter() - start:.1f} s, "
-              f"to {cfg.generation.sample_output_file}", flush=True)
+    try:
+        groups = _layout(cfg)
+        gen = TextGenerator(cfg, tok, groups, build_model(cfg, groups, local_device()))
+        if mode == "interactive":
+            interactive(gen)
+            return
+        start = time.perf_counter()
+        records = batch_replicated(gen, texts)
+        if dist.get_rank() == 0:
+            write_records(records, cfg.generation.sample_output_file)
+            tokens = sum(r["length"] for r in records)
+            print(f"wrote {len(records)} completion(s), {tokens} tokens in {time.perf_counter() - start:.1f} s, "
+                  f"to {cfg.generation.sample_output_file}", flush=True)
+    finally:
+        shutdown_distributed()

@@ -11,7 +11,6 @@ import math
 import time
 from dataclasses import dataclass, field
 
-import torch.distributed as dist
 
 from megatron.checkpointing.checkpoint import load_checkpoint, save_checkpoint
 from megatron.checkpointing.reader import describe
@@ -19,7 +18,7 @@ from megatron.config import NeoXConfig
 from megatron.data.loader import eval_batches, micro_batches
 from megatron.training.flops import utilisation
 from megatron.training.preemption import Preemption
-from megatron.training.setup import RunState, build_run
+from megatron.training.setup import RunState, build_run, shutdown_distributed
 
 
 class TrainingError(RuntimeError):
@@ -157,7 +156,4 @@ def pretrain(cfg: NeoXConfig) -> list[float]:
         return losses
     finally:
         run.logger.close()
-        if dist.is_initialized():
-            # Ending every rank at a barrier avoids the intermittent gloo abort at exit.
-            dist.barrier()
-            dist.destroy_process_group()
+        shutdown_distributed()
