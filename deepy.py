@@ -1,9 +1,10 @@
 #!/usr/bin/env python
-"""Launch training: `python deepy.py train.py CONFIG.yml [MORE.yml ...]`.
+"""Launch training: `python deepy.py train.py [-d CONFIG_DIR] CONFIG.yml [MORE.yml ...]`.
 
-Config files merge left to right (a later file overrides an earlier one; overrides are listed).
-The whole config is validated before any process starts. `--dry-run` starts nothing: it prints
-the parallel layout, the exact parameter count and a per-GPU memory estimate.
+Config files merge left to right (a later file overrides an earlier one; overrides are listed);
+with -d they are looked up in CONFIG_DIR, as in GPT-NeoX. The whole config is validated before
+any process starts. `--dry-run` starts nothing: it prints the parallel layout, the exact
+parameter count, a per-GPU memory estimate and the command each node will run.
 """
 
 from __future__ import annotations
@@ -12,18 +13,31 @@ import argparse
 import sys
 from pathlib import Path
 
-from megatron.config import ConfigError, load_config
+from megatron.config import ConfigError, NeoXConfig, load_config
 from megatron.launcher.dry_run import report
-from megatron.launcher.launch import launch
+from megatron.launcher.launch import launch, plan_launch
 from megatron.config.validate import check_launchable
+
+
+def commands(cfg: NeoXConfig, script: str, configs: list[str]) -> str:
+    """What each node would run; a plan for a cluster stays printable where it cannot launch."""
+    try:
+        check_launchable(cfg)
+    except ConfigError as err:
+        return f"commands ({cfg.derived.launcher} launcher): not launchable as configured: {err}"
+    plan = plan_launch(cfg, script, configs)
+    return "\n".join([f"commands ({cfg.derived.launcher} launcher):"] + ["  " + line for line in plan.nodes])
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dry-run", action="store_true", help="validate and plan; launch nothing")
     parser.add_argument("script", help="the worker script, e.g. train.py")
+    parser.add_argument("-d", "--conf_dir", help="directory the config files are in")
     parser.add_argument("configs", nargs="+", help="YAML config files, merged left to right")
     args = parser.parse_args(argv)
+    if args.conf_dir:
+        args.configs = [str(Path(args.conf_dir) / c) for c in args.configs]
     try:
         # Data files are training's: generate.py and tools launched the same way do not read them.
         needs_data = Path(args.script).name == "train.py" and not args.dry_run
@@ -32,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"override {override}")
         if args.dry_run:
             print(report(cfg))
+            print(commands(cfg, args.script, args.configs))
             return 0
         check_launchable(cfg)
     except ConfigError as err:

@@ -28,6 +28,7 @@ from megatron.config.schema import (
 )
 from megatron.config.validate import (check_choices, check_files, check_generation, check_model, check_precision,
                                       check_training)
+from megatron.launcher.environment import slurm_allocation
 from megatron.parallel.device import gpus_on_this_node
 from megatron.tokenizer.tokenizer import pad_vocab_size
 
@@ -48,6 +49,8 @@ class Derived:
     padded_vocab_size: int | None
     precision: str
     lr: float
+    launcher: str  # how deepy.py starts the ranks: local, pdsh, slurm, openmpi or mvapich
+    num_nodes: int
 
 
 @dataclass(frozen=True)
@@ -76,12 +79,26 @@ class NeoXConfig:
         return flat
 
 
-def default_world_size(parallel: ParallelConfig, launcher: LauncherConfig) -> int:
-    """Processes the launcher starts when the caller does not say, per node: num_gpus, else one
-    per GPU of this machine (GPT-NeoX's default), else (CPU only) TP x PP."""
+def effective_launcher(launcher: LauncherConfig) -> str:
+    """GPT-NeoX's switches folded into one name: deepspeed_slurm means Slurm, deepspeed_mpi MPI;
+    one node without either is started here directly."""
+    if launcher.deepspeed_slurm or launcher.launcher == "slurm":
+        return "slurm"
+    if launcher.deepspeed_mpi or launcher.launcher in ("openmpi", "mvapich"):
+        return "mvapich" if launcher.launcher == "mvapich" else "openmpi"
+    return "pdsh" if launcher.num_nodes > 1 else "local"
+
+
+def node_layout(parallel: ParallelConfig, launcher: LauncherConfig) -> tuple[int, int]:
+    """(nodes, processes per node) the launcher starts. Inside a Slurm allocation the allocation
+    decides (sbatch --nodes/--ntasks-per-node override the config); otherwise num_nodes, and per
+    node num_gpus, else one per GPU of this machine (GPT-NeoX's default), else (CPU only) TP x PP."""
     per_node = (launcher.num_gpus or gpus_on_this_node()
                 or parallel.model_parallel_size * max(parallel.pipe_parallel_size, 1))
-    return per_node * launcher.num_nodes
+    allocation = slurm_allocation() if effective_launcher(launcher) == "slurm" else None
+    if allocation is not None:
+        return allocation[0], allocation[1] or per_node
+    return launcher.num_nodes, per_node
 
 
 def _batch_triple(training: TrainingConfig, dp: int) -> tuple[int, int, int]:
@@ -127,7 +144,7 @@ def _precision(opt: OptimizerConfig) -> str:
     return derived
 
 
-def derive(groups: dict[str, Any], world_size: int, vocab_size: int | None) -> Derived:
+def derive(groups: dict[str, Any], world_size: int, vocab_size: int | None, num_nodes: int) -> Derived:
     model: ModelConfig = groups["model"]
     parallel: ParallelConfig = groups["parallel"]
     training: TrainingConfig = groups["training"]
@@ -170,6 +187,8 @@ def derive(groups: dict[str, Any], world_size: int, vocab_size: int | None) -> D
         padded_vocab_size=padded,
         precision=_precision(opt),
         lr=float(opt.optimizer.params.get("lr", 6e-4)),
+        launcher=effective_launcher(groups["launcher"]),
+        num_nodes=num_nodes,
     )
 
 
@@ -190,9 +209,8 @@ def load_config(
     check_choices(groups)
     if require_files:
         check_files(groups["data"])
-    if world_size is None:
-        world_size = default_world_size(groups["parallel"], groups["launcher"])
-    derived = derive(groups, world_size, vocab_size)
+    nodes, per_node = node_layout(groups["parallel"], groups["launcher"])
+    derived = derive(groups, world_size or nodes * per_node, vocab_size, nodes)
     check_model(groups["model"], groups["parallel"], derived)
     check_precision(groups["optimizer"], groups["parallel"], derived)
     check_training(groups["training"], groups["parallel"])

@@ -226,18 +226,42 @@ class LoggingConfig:
 
 @dataclass(frozen=True)
 class LauncherConfig:
+    """How deepy.py starts the ranks (GPT-NeoX's runner keys; docs/launching.md)."""
+
     num_gpus: int | None = doc(
-        None, "Processes per node; default: one per GPU of this machine, or TP x PP on a CPU-only one (gloo)."
-    )
-    num_nodes: int = doc(1, "Nodes (multi-node launchers come later).")
+        None, "Processes per node; default: one per GPU of this machine, or TP x PP on a CPU-only one (gloo). "
+        "Inside a Slurm allocation the allocation's tasks per node.")
+    num_nodes: int = doc(1, "Nodes. Inside a Slurm allocation (launcher: slurm) the allocation's node count.")
     master_port: int | None = doc(
         None, "Rendezvous port. Unset: on one node a free port is chosen at launch, so two runs side by side "
-        "do not collide; across nodes 29500 (GPT-NeoX's default).")
-    hostfile: str | None = doc(None, "DeepSpeed hostfile for multi-node runs.")
+        "do not collide; a Slurm job derives one from its job id; otherwise 29500 (GPT-NeoX's default).")
+    master_addr: str | None = doc(
+        None, "Rendezvous host. Unset: this machine on one node, the first host of the Slurm allocation, "
+        "or the first host of the hostfile.")
+    hostfile: str | None = doc(None, "DeepSpeed hostfile ('host slots=N' lines) for pdsh/openmpi/mvapich runs "
+                                     "across nodes; Slurm needs none.")
+    include: str | None = doc(None, "Hosts to use, DeepSpeed's syntax ('host1@host2'); with Slurm: srun --nodelist.")
+    exclude: str | None = doc(None, "Hosts to leave out, DeepSpeed's syntax; with Slurm: srun --exclude.")
+    launcher: str = doc(
+        "pdsh", "Multi-node launcher: 'pdsh' (DeepSpeed's runner over ssh), 'slurm' (srun, no ssh), "
+        "'openmpi' (mpirun) or 'mvapich' (mpirun of MVAPICH).")
+    deepspeed_slurm: bool = doc(False, "GPT-NeoX's switch for Slurm: the ranks take RANK/WORLD_SIZE from srun; "
+                                       "same as launcher: slurm.")
+    deepspeed_mpi: bool = doc(False, "GPT-NeoX's switch for MPI: the ranks take RANK/WORLD_SIZE from mpirun "
+                                     "(OMPI_COMM_WORLD_*); launcher: openmpi unless mvapich is named.")
+    no_ssh_check: bool = doc(False, "Accepted for GPT-NeoX configs; pdsh only (slurm and MPI need no ssh).")
+    comment: str | None = doc(None, "Slurm job comment passed to srun --comment.")
+    account: str | None = doc(None, "Slurm account passed to srun --account.")
+    forward_env: list = doc(
+        [], "Extra environment variable names (shell patterns allowed) every rank must get, besides NCCL_*, "
+        "WANDB_*, PYTHON*, CUDA_*, OMP_*, HF_*, TORCH_* and a few more that are always forwarded.")
+    distributed_timeout_minutes: float = doc(
+        30.0, "How long a collective waits for a rank that died or hangs before the survivors fail "
+        "(torch's default); the job then exits non-zero naming the ranks. Keep it above the longest "
+        "checkpoint save.")
     preemption_grace_seconds: float = doc(
         600.0, "After a SIGTERM/SIGUSR1/SIGINT to deepy.py the workers finish the step, save and exit; those "
         "still running this many seconds later are killed. Keep it below the scheduler's warning time.")
-    launcher: str = doc("pdsh", "Multi-node launcher name passed to DeepSpeed.")
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
     ("data", "tokenizer_type"): ("HFTokenizer", "GPT2BPETokenizer", "CharLevelTokenizer"),
     ("data", "data_impl"): ("mmap", "stream"),
     ("training", "distributed_backend"): ("nccl", "gloo", None),
+    ("launcher", "launcher"): ("pdsh", "openmpi", "mvapich", "slurm"),
 }
 OPTIMIZERS = ("Adam", "AdamW", "SGD")
 OPTIMIZER_PARAMS = ("lr", "betas", "eps", "momentum")
@@ -148,8 +149,14 @@ def check_training(training: TrainingConfig, parallel: ParallelConfig) -> None:
 
 def check_launchable(cfg: "NeoXConfig") -> None:
     """Settings the planner accepts but a launch on this machine cannot use."""
-    if cfg.launcher.num_nodes > 1 and not cfg.launcher.hostfile:
-        raise ConfigError(f"num_nodes {cfg.launcher.num_nodes} needs a hostfile listing the nodes")
+    d = cfg.derived
+    if d.launcher in ("pdsh", "mvapich") or (d.launcher == "openmpi" and d.num_nodes > 1):
+        if not cfg.launcher.hostfile:
+            raise ConfigError(f"num_nodes {d.num_nodes} with launcher {d.launcher} needs a hostfile listing the "
+                              "nodes (or launcher: slurm, which needs none)")
+        _require(cfg.launcher.hostfile, "hostfile")
+    if d.world_size % d.num_nodes:
+        raise ConfigError(f"world size {d.world_size} is not divisible by {d.num_nodes} nodes")
 
 
 TEXT_GEN_TYPES = ("unconditional", "input-file", "interactive")

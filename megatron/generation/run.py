@@ -165,7 +165,7 @@ def run(paths: list[str]) -> None:
         texts = [""] * cfg.generation.num_samples
     elif mode == "input-file":
         texts = read_prompts(cfg.generation.sample_input_file, cfg.generation.prompt_end)
-    init_distributed(cfg.training.distributed_backend)
+    init_distributed(cfg)
     try:
         groups = _layout(cfg)
         gen = TextGenerator(cfg, tok, groups, build_model(cfg, groups, local_device()))

@@ -17,10 +17,10 @@ def _gib(n: int) -> str:
 def report(cfg: NeoXConfig) -> str:
     d, p = cfg.derived, cfg.parallel
     tp, pp = p.model_parallel_size, max(p.pipe_parallel_size, 1)
-    procs = d.world_size // cfg.launcher.num_nodes
+    procs = d.world_size // d.num_nodes
     lines = [
         f"parallel layout: tensor {tp} x pipeline {pp} x data {d.data_parallel_size} = world size "
-        f"{d.world_size} ({cfg.launcher.num_nodes} node(s) x {procs} processes)",
+        f"{d.world_size} ({d.num_nodes} node(s) x {procs} processes)",
         f"batch: micro {d.micro_batch_size} x grad-accum {d.gradient_accumulation_steps} x data "
         f"{d.data_parallel_size} = {d.train_batch_size} sequences "
         f"({d.train_batch_size * cfg.model.seq_length:,} tokens) per step, {d.train_iters:,} steps",

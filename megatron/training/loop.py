@@ -18,7 +18,7 @@ from megatron.config import NeoXConfig
 from megatron.data.loader import eval_batches, micro_batches
 from megatron.training.flops import utilisation
 from megatron.training.preemption import Preemption
-from megatron.training.setup import RunState, build_run, shutdown_distributed
+from megatron.training.setup import RunState, build_run, lost_another_rank, shutdown_distributed
 
 
 class TrainingError(RuntimeError):
@@ -152,8 +152,12 @@ def pretrain(cfg: NeoXConfig) -> list[float]:
     run = build_run(cfg)
     try:
         losses = train(run)
-        run.print(run.summary())
-        return losses
-    finally:
+    except BaseException as err:
         run.logger.close()
-        shutdown_distributed()
+        if not lost_another_rank(err):  # a barrier would wait for the lost rank too
+            shutdown_distributed()
+        raise
+    run.logger.close()
+    run.print(run.summary())
+    shutdown_distributed()
+    return losses

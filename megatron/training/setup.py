@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import random
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -13,11 +14,13 @@ import deepspeed
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.distributed.distributed_c10d as c10d
 
 from megatron.checkpointing.loading import LoadPlan
 from megatron.config import ConfigError, NeoXConfig, load_config
 from megatron.config.validate import check_launchable
 from megatron.data.datasets import build_datasets, build_streaming_datasets
+from megatron.launcher.environment import adopt_scheduler_environment, world_size
 from megatron.launcher.launch import free_port
 from megatron.logging import MetricsLogger
 from megatron.parallel.device import (allow_fp16_on_cpu, default_backend, device_type, keep_freed_host_memory,
@@ -32,16 +35,35 @@ from megatron.training.lr_schedule import AnnealingLR
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def init_distributed(backend: str | None) -> None:
-    """Join the process group the launcher set up; a bare `python train.py` becomes a world of 1."""
+def init_distributed(cfg: NeoXConfig) -> None:
+    """Join the process group the launcher set up (ours, DeepSpeed's, srun or mpirun); a bare
+    `python train.py` becomes a world of 1. A collective waits distributed_timeout_minutes for a
+    rank that died or hangs, then fails."""
     if dist.is_initialized():
         return
+    adopt_scheduler_environment(cfg.launcher.master_port)
     if "WORLD_SIZE" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(free_port()))
-    deepspeed.init_distributed(dist_backend=default_backend(backend))
+    timeout = timedelta(minutes=cfg.launcher.distributed_timeout_minutes)
+    # torch gives every later new_group its own 30-minute default, not the world group's timeout,
+    # and DeepSpeed's pipeline grid creates groups we cannot pass a timeout to: the default is
+    # what has to change for a hung rank to be noticed in time.
+    c10d.default_pg_timeout = c10d.default_pg_nccl_timeout = timeout
+    deepspeed.init_distributed(dist_backend=default_backend(cfg.training.distributed_backend), timeout=timeout)
     if device_type() == "cpu":
         _unlink_deepspeed_shm_buffer()
+
+
+# What gloo and NCCL say when a peer died or never answered; they raise plain RuntimeErrors.
+_LOST_RANK = ("Connection closed by peer", "Connection reset by peer", "Timed out", "timed out", "Broken pipe",
+              "NCCL communicator was aborted", "remote process exited")
+
+
+def lost_another_rank(err: BaseException) -> bool:
+    """Whether a collective failed because another rank died or stopped responding."""
+    return isinstance(err, dist.DistError) or (isinstance(err, RuntimeError) and any(
+        s in str(err) for s in _LOST_RANK))
 
 
 def shutdown_distributed() -> None:
@@ -82,7 +104,7 @@ def config_tokenizer(cfg: NeoXConfig) -> AbstractTokenizer:
 
 def worker_config(paths: list[str]) -> tuple[NeoXConfig, AbstractTokenizer]:
     """The config as this process sees it: world size from the launcher, vocab from the tokenizer."""
-    world = int(os.environ.get("WORLD_SIZE", 1))
+    world = world_size()
     tok = config_tokenizer(load_config(paths, world_size=world))
     cfg = load_config(paths, world_size=world, vocab_size=tok.vocab_size)
     check_launchable(cfg)
@@ -146,7 +168,7 @@ def seed_everything(seed: int) -> None:
 
 
 def build_run(cfg: NeoXConfig) -> RunState:
-    init_distributed(cfg.training.distributed_backend)
+    init_distributed(cfg)
     device = local_device()
     if device.type == "cpu":  # activations live in host memory only on the CPU
         keep_freed_host_memory()

@@ -217,7 +217,7 @@ def test_config_file_errors(tmp_path):
 
 def test_multi_node_needs_a_hostfile(tmp_path):
     cfg = load(tmp_path, {"num_nodes": 2}, world_size=2)
-    with pytest.raises(ConfigError, match="^num_nodes 2 needs a hostfile listing the nodes$"):
+    with pytest.raises(ConfigError, match="^num_nodes 2 with launcher pdsh needs a hostfile listing the nodes \\(or launcher: slurm, which needs none\\)$"):
         check_launchable(cfg)
 
 

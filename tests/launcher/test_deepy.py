@@ -70,11 +70,11 @@ def test_unset_master_port_is_a_free_one(tiny):
     import socket
 
     from megatron.config import load_config
-    from megatron.launcher.launch import launch_command
+    from megatron.launcher.launch import plan_launch
 
     def port(**kw) -> int:
-        cmd = launch_command(load_config([tiny(**kw)], require_files=False), "train.py", [])
-        return int(cmd[cmd.index("--master_port") + 1])
+        plan = plan_launch(load_config([tiny(**kw)], require_files=False), "train.py", [])
+        return plan.master_port or int(plan.command[plan.command.index("--master_port") + 1])
 
     first, second = port(), port()
     for chosen in (first, second):

@@ -51,7 +51,7 @@ def test_sigterm_to_deepy_saves_exits_0_and_resumes_exactly(tiny, tmp_path):
     proc.send_signal(signal.SIGTERM)  # to deepy.py alone, as `kill PID` does
     out = proc.communicate(timeout=300)[0]
     assert proc.returncode == 0, out[-3000:]
-    assert "deepy.py: SIGTERM passed to 2 worker(s)" in out
+    assert "deepy.py: SIGTERM passed to 2 rank(s)" in out
     stopped = int((tmp_path / "cut" / "ckpt" / "latest").read_text().removeprefix("global_step"))
     assert 2 <= stopped < 30 and f"stopping after iteration {stopped} on SIGTERM" in out
     assert not [p for p in psutil.process_iter(["cmdline"]) if cfg in " ".join(p.info["cmdline"] or [])]
