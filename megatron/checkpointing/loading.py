@@ -70,6 +70,10 @@ def open_checkpoint(load_dir: str, save_dir: str | None, allow_unsafe: bool = Fa
     try:
         reader = CheckpointReader(root, allow_unsafe=allow_unsafe)
         reader.verify()
+        unfinished = [t for t in tags if int(TAG.match(t).group(1)) > reader.iteration]
+        if unfinished:
+            _warn(f"WARNING: {', '.join(unfinished)} in {root} was never completed (the job stopped while "
+                  f"writing it); resuming from the last complete checkpoint, {reader.path.name}")
         return reader
     except CheckpointError as newest:
         for tag in tags:
