@@ -102,11 +102,12 @@ def train(run: RunState) -> list[float]:
 
     def save() -> None:
         nonlocal last_saved
+        began = time.perf_counter()
         path = save_checkpoint(run.stepper.engine, ck.save, iteration, consumed, cfg.config_files,
                                ck.keep_last_n_checkpoints,
                                {**describe(cfg.model, d.vocab_size, d.padded_vocab_size), "lr_decay_iters": d.lr_decay_iters})
         last_saved = iteration
-        run.print(f"saved checkpoint {path}")
+        run.print(f"saved checkpoint {path} in {time.perf_counter() - began:.2f} s")
 
     start, end = iteration, d.train_iters
     if cfg.training.exit_interval:  # GPT-NeoX's meaning: stop at the next multiple
