@@ -78,11 +78,12 @@ def wait_lines(log: Path, n: int, timeout: float = 300) -> None:
     assert log.exists(), f"{log} never appeared"
 
 
-def run_local(cfg: str, ranks: int) -> None:
+def run_local(cfg: str) -> str:
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "deepy.py", "train.py", cfg], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return proc.stdout
 
 
 def losses(tmp_path: Path, name: str) -> list[float]:
@@ -95,7 +96,7 @@ SLURM = dict(launcher="slurm", deepspeed_slurm=True)
 @pytest.mark.parametrize("layout", [dict(model_parallel_size=2), dict(pipe_parallel_size=2)], ids=["tp2xdp2", "pp2xdp2"])
 def test_sbatch_trains_like_a_local_launch(slurm, tiny, tmp_path, layout):
     kw = dict(layout, train_iters=8, eval_interval=100, checkpoint_factor=None)
-    run_local(tiny("local", **kw, num_gpus=4), 4)
+    run_local(tiny("local", **kw, num_gpus=4))
     code, job = sbatch(slurm, tmp_path / "job.out", tiny("slurm", **kw, **SLURM), wait=True)
     out = (tmp_path / "job.out").read_text()
     assert code == 0, out[-3000:]
@@ -109,7 +110,7 @@ def test_time_limit_signal_saves_requeues_and_continues_exactly(slurm, tiny, tmp
     ranks save and exit 0, the script requeues the job, the second start resumes from `latest`
     and the losses of both starts are those of an uninterrupted run."""
     kw = dict(model_parallel_size=2, train_iters=120, eval_interval=1000, checkpoint_factor=None)
-    run_local(tiny("full", **kw, num_gpus=4), 4)
+    run_local(tiny("full", **kw, num_gpus=4))
     cfg = tiny("cut", **kw, **SLURM, load=str(tmp_path / "cut" / "ckpt"))
     _, job = sbatch(slurm, tmp_path / "job.out", cfg)
     wait_lines(tmp_path / "cut" / "logs" / "metrics.jsonl", 3)
@@ -170,11 +171,16 @@ def test_a_killed_rank_ends_the_job_naming_it(slurm, tiny, tmp_path):
 
 
 def test_mpirun_ranks_train_like_local_ones(tiny, tmp_path):
+    """mpirun started by hand, and by deepy.py for `launcher: openmpi`: the ranks read
+    OMPI_COMM_WORLD_* and train to the losses of a local launch."""
     kw = dict(model_parallel_size=2, train_iters=8, eval_interval=100, checkpoint_factor=None)
-    run_local(tiny("local", **kw, num_gpus=2), 2)
+    run_local(tiny("local", **kw, num_gpus=2))
     cfg = tiny("mpi", **kw, launcher="openmpi", deepspeed_mpi=True)
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     proc = subprocess.run(["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", "2", sys.executable, "train.py",
                            cfg], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert losses(tmp_path, "mpi") == losses(tmp_path, "local")
+    out = run_local(tiny("deepy_mpi", **kw, launcher="openmpi", num_gpus=2))
+    assert "launching (openmpi): mpirun -np 2 --map-by ppr:2:node" in out
+    assert losses(tmp_path, "deepy_mpi") == losses(tmp_path, "local")

@@ -150,7 +150,7 @@ def test_two_processes_match_one(tiny, tmp_path):
                zero_optimization={"stage": 1}, master_port=29531)
     proc = run_cli("deepy.py", "train.py", two)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "launching:" in proc.stdout
+    assert "launching (local):" in proc.stdout
     a, b = losses(tmp_path / "one" / "logs"), losses(tmp_path / "two" / "logs")
     assert b == pytest.approx(a, rel=1e-5) and b[-1] < b[0]
     # DeepSpeed's CPU backend leaves a 66 MiB /dev/shm file per rank unless we unlink it
