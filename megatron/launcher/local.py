@@ -8,7 +8,6 @@ collective for the distributed timeout, are stopped: a dead rank never leaves a 
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
