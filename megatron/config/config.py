@@ -51,6 +51,7 @@ class Derived:
     lr: float
     launcher: str  # how deepy.py starts the ranks: local, pdsh, slurm, openmpi or mvapich
     num_nodes: int
+    procs_per_node: int
 
 
 @dataclass(frozen=True)
@@ -189,6 +190,7 @@ def derive(groups: dict[str, Any], world_size: int, vocab_size: int | None, num_
         lr=float(opt.optimizer.params.get("lr", 6e-4)),
         launcher=effective_launcher(groups["launcher"]),
         num_nodes=num_nodes,
+        procs_per_node=world_size // num_nodes,
     )
 
 

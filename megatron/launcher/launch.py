@@ -49,7 +49,7 @@ class LaunchPlan:
 
 def _worker_env(cfg: NeoXConfig, environ: Mapping[str, str]) -> dict[str, str]:
     env = dict(environ)
-    per_node = cfg.derived.world_size // cfg.derived.num_nodes
+    per_node = cfg.derived.procs_per_node
     if device_type() == "cpu" and "OMP_NUM_THREADS" not in env:
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // per_node))
     env.setdefault("PYTHONUNBUFFERED", "1")
@@ -65,7 +65,7 @@ def plan_launch(cfg: NeoXConfig, script: str, config_files: list[str],
 
 
 def _local(cfg: NeoXConfig, worker: list[str], env: dict[str, str]) -> LaunchPlan:
-    n, port = cfg.derived.world_size, cfg.launcher.master_port or free_port()
+    n, port = cfg.derived.world_size, _master(cfg, [])[1]
     line = f"this machine, ranks 0-{n - 1}: RANK=<r> LOCAL_RANK=<r> WORLD_SIZE={n} MASTER_ADDR=127.0.0.1 " \
            f"MASTER_PORT={port} {shlex.join(worker)}"
     return LaunchPlan(worker, env, [line], local_ranks=n, master_port=port)
@@ -75,7 +75,7 @@ def _slurm(cfg: NeoXConfig, worker: list[str], env: dict[str, str]) -> LaunchPla
     """srun starts every task; each takes its rank from SLURM_PROCID, the rendezvous host from the
     node list and the port from the job id (or master_addr/master_port when set)."""
     lc, d = cfg.launcher, cfg.derived
-    per_node = d.world_size // d.num_nodes
+    per_node = d.procs_per_node
     cmd = ["srun", "--kill-on-bad-exit=1", f"--nodes={d.num_nodes}", f"--ntasks={d.world_size}",
            f"--ntasks-per-node={per_node}"]
     if lc.include:
@@ -121,7 +121,7 @@ def _master(cfg: NeoXConfig, hosts: list[str]) -> tuple[str, int]:
 def _openmpi(cfg: NeoXConfig, worker: list[str], env: dict[str, str]) -> LaunchPlan:
     """mpirun starts every rank; -x hands each the variables that must reach it."""
     d, hosts = cfg.derived, _hosts(cfg)
-    per_node = d.world_size // d.num_nodes
+    per_node = d.procs_per_node
     addr, port = _master(cfg, hosts)
     env.update(MASTER_ADDR=addr, MASTER_PORT=str(port))
     cmd = ["mpirun", "-np", str(d.world_size), "--map-by", f"ppr:{per_node}:node", "--oversubscribe"]
@@ -141,7 +141,7 @@ def _deepspeed(cfg: NeoXConfig, worker: list[str], env: dict[str, str]) -> Launc
     """pdsh (ssh) or MVAPICH through DeepSpeed's runner, which starts deepspeed.launcher.launch on
     every host of the hostfile; DS_ENV_FILE carries the variables every rank needs."""
     d, lc, hosts = cfg.derived, cfg.launcher, _hosts(cfg)
-    per_node = d.world_size // d.num_nodes
+    per_node = d.procs_per_node
     addr, port = _master(cfg, hosts)
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile", str(lc.hostfile), "--launcher",
            d.launcher, "--num_nodes", str(d.num_nodes), "--num_gpus", str(per_node), "--master_addr", addr,
