@@ -122,7 +122,7 @@ def ds_step(cfg, tokens, labels) -> Callable[[], float]:
     # As megatron.training.setup.build_run does (a world of one process).
     init_distributed("gloo")
     d, par = cfg.derived, cfg.parallel
-    groups = ParallelGroups(max(par.pipe_parallel_size, 1), par.model_parallel_size, d.data_parallel_size,
+    groups = ParallelGroups(d.pipe_stages, par.model_parallel_size, d.data_parallel_size,
                             par.sequence_parallel)
     stepper, _ = build_engine(cfg, groups)
     gas = d.gradient_accumulation_steps

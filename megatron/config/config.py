@@ -23,6 +23,7 @@ from megatron.config.schema import (
     LRConfig,
     ModelConfig,
     OptimizerConfig,
+    GATED_ACTIVATIONS,
     ParallelConfig,
     TrainingConfig,
 )
@@ -43,7 +44,10 @@ class Derived:
     train_iters: int
     lr_decay_iters: int
     warmup_iters: int
-    intermediate_size: int
+    intermediate_size: int  # width of the MLP's activation output (dense_4h_to_h's input)
+    num_kv_heads: int
+    pipe_stages: int  # pipeline stages; 1 when pipe_parallel_size is 0
+    pipelined: bool  # DeepSpeed's pipeline engine runs (pipe_parallel_size >= 1), as in GPT-NeoX
     max_position_embeddings: int
     vocab_size: int | None
     padded_vocab_size: int | None
@@ -102,6 +106,18 @@ def node_layout(parallel: ParallelConfig, launcher: LauncherConfig) -> tuple[int
     return launcher.num_nodes, per_node
 
 
+def mlp_width(model: ModelConfig) -> int:
+    """GPT-NeoX's MLP sizing: the size is intermediate_size, else expansion_factor x hidden, else
+    4 x hidden; a gated activation keeps two thirds of it for both halves together; the width
+    (of one half when gated) is rounded up to mlp_multiple_of."""
+    h = model.hidden_size
+    size = model.intermediate_size or (int(model.expansion_factor * h) if model.expansion_factor else 4 * h)
+    if model.activation in GATED_ACTIVATIONS:
+        size = int(size * 2 / 3) // 2
+    m = model.mlp_multiple_of
+    return m * -(-size // m)
+
+
 def _batch_triple(training: TrainingConfig, dp: int) -> tuple[int, int, int]:
     """Any two of (global, micro, grad-accum) give the third; all three must agree."""
     train, micro, gas = (training.train_batch_size, training.train_micro_batch_size_per_gpu,
@@ -150,7 +166,7 @@ def derive(groups: dict[str, Any], world_size: int, vocab_size: int | None, num_
     parallel: ParallelConfig = groups["parallel"]
     training: TrainingConfig = groups["training"]
     lr: LRConfig = groups["lr"]
-    tp, pp = parallel.model_parallel_size, max(parallel.pipe_parallel_size, 1)
+    tp, pp = parallel.model_parallel_size, max(parallel.pipe_parallel_size, 1)  # the one place
     if tp < 1 or parallel.pipe_parallel_size < 0:
         raise ConfigError(f"model_parallel_size must be >= 1 and pipe_parallel_size >= 0 (got {tp}, {parallel.pipe_parallel_size})")
     if world_size % (tp * pp):
@@ -182,7 +198,10 @@ def derive(groups: dict[str, Any], world_size: int, vocab_size: int | None, num_
         train_iters=train_iters,
         lr_decay_iters=decay,
         warmup_iters=int(lr.warmup * decay),
-        intermediate_size=model.intermediate_size or 4 * model.hidden_size,
+        intermediate_size=mlp_width(model),
+        num_kv_heads=model.num_kv_heads or model.num_attention_heads,
+        pipe_stages=pp,
+        pipelined=parallel.pipe_parallel_size >= 1,
         max_position_embeddings=model.max_position_embeddings or model.seq_length,
         vocab_size=vocab,
         padded_vocab_size=padded,

@@ -32,7 +32,21 @@ class ModelConfig:
     num_layers: int = doc(2, "Number of transformer layers.")
     hidden_size: int = doc(128, "Width of the residual stream.")
     num_attention_heads: int = doc(4, "Attention heads; hidden_size must divide by it.")
-    intermediate_size: int | None = doc(None, "MLP width; 4 x hidden_size when unset.")
+    intermediate_size: int | None = doc(
+        None, "MLP size before GPT-NeoX's sizing rule: with a gated activation two thirds of it, halved per "
+        "half and rounded up to mlp_multiple_of, is each half's width (Llama-7B: 32768 -> 11008); otherwise "
+        "the width, rounded up to mlp_multiple_of. Unset: expansion_factor x hidden_size, else 4 x hidden_size.")
+    expansion_factor: float | None = doc(None, "MLP size as a multiple of hidden_size when intermediate_size is unset.")
+    mlp_multiple_of: int = doc(1, "The MLP width is rounded up to a multiple of this (Llama: 256).")
+    num_kv_heads: int | None = doc(
+        None, "Key/value heads (grouped-query attention); unset: num_attention_heads. Each tensor-parallel "
+        "rank holds num_kv_heads / model_parallel_size of them.")
+    use_bias_in_norms: bool = doc(True, "False: norms have a scale and no bias (Llama).")
+    use_bias_in_attn_linear: bool = doc(True, "False: query_key_value and attention.dense have no bias (Llama).")
+    use_bias_in_mlp: bool = doc(True, "False: the MLP's linears have no bias (Llama).")
+    attention_config: list | None = doc(
+        None, "GPT-NeoX's per-layer attention types, e.g. [[[\"global\"], 44]] or [[[\"flash\"], 16]]: 'global' "
+        "and 'flash' both run PyTorch's fused scaled_dot_product_attention; other types are not implemented.")
     seq_length: int = doc(128, "Training sequence length in tokens.")
     max_position_embeddings: int | None = doc(None, "Longest supported sequence; seq_length when unset.")
     vocab_size: int | None = doc(
@@ -53,7 +67,9 @@ class ModelConfig:
     gpt_j_residual: bool = doc(
         False, "True: parallel residual x + attn(ln1(x)) + mlp(ln2(x)); False: sequential."
     )
-    activation: str = doc("gelu", "MLP activation: 'gelu' (exact unless bias_gelu_fusion) or 'relu'.")
+    activation: str = doc(
+        "gelu", "MLP activation: 'gelu' (exact unless bias_gelu_fusion), 'relu', 'softsign', 'swish', 'mish', "
+        "'silu', or a gated one: 'swiglu' (Llama), 'geglu', 'reglu', 'bilinear', 'glu'.")
     bias_gelu_fusion: bool = doc(False, "Fused bias+GELU in GPT-NeoX, which uses the tanh GELU.")
     init_method: str = doc(
         "normal", "Init of most weights: 'normal', 'scaled_normal', 'small_init', 'wang_init'."
@@ -290,6 +306,10 @@ class GenerationConfig:
     recompute: bool = doc(
         False, "Run the whole sequence through the model at every step instead of using the key/value "
         "cache (same tokens, slower; GPT-NeoX's option).")
+
+
+GATED_ACTIVATIONS = ("swiglu", "geglu", "reglu", "bilinear", "glu")
+"""Activations whose MLP input projection holds two halves, act(gate) x value (GPT-NeoX's `linear1`)."""
 
 
 GROUPS: dict[str, type] = {

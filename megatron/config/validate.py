@@ -15,7 +15,8 @@ if TYPE_CHECKING:
 CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
     ("model", "norm"): ("layernorm", "rmsnorm"),
     ("model", "pos_emb"): ("rotary", "learned", "none"),
-    ("model", "activation"): ("gelu", "relu"),
+    ("model", "activation"): ("gelu", "relu", "softsign", "swish", "mish", "silu", "swiglu", "geglu", "reglu",
+                              "bilinear", "glu"),
     ("model", "init_method"): ("normal", "scaled_normal", "small_init", "wang_init"),
     ("model", "output_layer_init_method"): ("normal", "scaled_normal", "small_init", "wang_init"),
     ("model", "output_layer_parallelism"): ("column",),
@@ -101,7 +102,7 @@ def check_model(model: ModelConfig, parallel: ParallelConfig, derived: "Derived"
         )
     if parallel.sequence_parallel and model.seq_length % tp:
         raise ConfigError(f"sequence_parallel: seq_length {model.seq_length} is not divisible by model_parallel_size {tp}")
-    pp = max(parallel.pipe_parallel_size, 1)
+    pp = derived.pipe_stages
     if model.num_layers < pp:
         raise ConfigError(f"num_layers {model.num_layers} is fewer than pipe_parallel_size {pp} stages")
     if model.pos_emb == "rotary":
@@ -120,7 +121,7 @@ def check_precision(opt: OptimizerConfig, parallel: ParallelConfig, derived: "De
     stage = opt.zero_optimization.stage
     if stage not in (0, 1, 2, 3):
         raise ConfigError(f"zero_optimization.stage must be 0, 1, 2 or 3, got {stage}")
-    if parallel.pipe_parallel_size >= 1 and stage >= 2:
+    if derived.pipelined and stage >= 2:
         raise ConfigError(
             f"zero_optimization.stage {stage} cannot run with pipe_parallel_size "
             f"{parallel.pipe_parallel_size}: DeepSpeed's pipeline engine supports ZeRO 0 and 1 only; "

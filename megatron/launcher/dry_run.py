@@ -16,7 +16,7 @@ def _gib(n: int) -> str:
 
 def report(cfg: NeoXConfig) -> str:
     d, p = cfg.derived, cfg.parallel
-    tp, pp = p.model_parallel_size, max(p.pipe_parallel_size, 1)
+    tp, pp = p.model_parallel_size, d.pipe_stages
     procs = d.procs_per_node
     lines = [
         f"parallel layout: tensor {tp} x pipeline {pp} x data {d.data_parallel_size} = world size "

@@ -76,7 +76,7 @@ def stage_layer_ranges(num_layers: int, pp: int) -> list[range]:
 
 def plan(cfg: NeoXConfig) -> SizePlan:
     model = meta_model(cfg)
-    tp, pp = cfg.parallel.model_parallel_size, max(cfg.parallel.pipe_parallel_size, 1)
+    tp, pp = cfg.parallel.model_parallel_size, cfg.derived.pipe_stages
     dp, d = cfg.derived.data_parallel_size, cfg.derived
     L, tied = cfg.model.num_layers, not cfg.model.no_weight_tying
     mods = list(model.layers)  # [embedding, L layers, final norm, output unless tied]

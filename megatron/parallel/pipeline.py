@@ -20,8 +20,8 @@ from megatron.parallel.random import checkpoint_context
 
 
 def to_pipeline_module(
-    defs: list[LayerDef], parallel: ParallelConfig, training: TrainingConfig, data_parallel_size: int,
-    loss_fn: LossFn,
+    defs: list[LayerDef], parallel: ParallelConfig, training: TrainingConfig, pipe_stages: int,
+    data_parallel_size: int, loss_fn: LossFn,
 ) -> PipelineModule:
     specs = []
     for d in defs:
@@ -38,7 +38,7 @@ def to_pipeline_module(
         # (pipe, data, model) axes, model innermost: tensor-parallel ranks share a node, and file
         # names carry the model rank (layer_XX-model_YY-model_states.pt) as in GPT-NeoX.
         topology=PipeModelDataParallelTopology(
-            num_pp=max(parallel.pipe_parallel_size, 1), num_mp=parallel.model_parallel_size,
+            num_pp=pipe_stages, num_mp=parallel.model_parallel_size,
             num_dp=data_parallel_size),
         loss_fn=loss_fn,
         partition_method=parallel.pipe_partition_method,

@@ -107,10 +107,10 @@ def build_engine(cfg: NeoXConfig, groups: ParallelGroups) -> tuple[Stepper, Anne
     d = cfg.derived
     defs = layer_defs(cfg.model, d.padded_vocab_size, d.intermediate_size, d.max_position_embeddings,
                       cfg.training.seed, device=local_device(), tp=groups.tensor, vocab_size=d.vocab_size)
-    pipelined = cfg.parallel.pipe_parallel_size >= 1
+    pipelined = d.pipelined
     loss_fn = loss_function(groups.tensor, cfg.training.compile_loss)
     if pipelined:
-        module = to_pipeline_module(defs, cfg.parallel, cfg.training, d.data_parallel_size, loss_fn)
+        module = to_pipeline_module(defs, cfg.parallel, cfg.training, d.pipe_stages, d.data_parallel_size, loss_fn)
     else:
         ckpt = cfg.training.checkpoint_num_layers if cfg.training.checkpoint_activations else 0
         module = GPTModel(defs, checkpoint_num_layers=ckpt)

@@ -179,7 +179,7 @@ def build_run(cfg: NeoXConfig) -> RunState:
     d = cfg.derived
     train, valid = build_data(cfg)
     par = cfg.parallel
-    groups = ParallelGroups(max(par.pipe_parallel_size, 1), par.model_parallel_size, d.data_parallel_size,
+    groups = ParallelGroups(d.pipe_stages, par.model_parallel_size, d.data_parallel_size,
                             par.sequence_parallel)
     seed_tp_rng(cfg.training.seed, groups.tp_rank)
     stepper, scheduler, load_plan = build_engine(cfg, groups)
