@@ -146,6 +146,9 @@ class OptimizerConfig:
     fp16: FP16Config = sub(FP16Config, "fp16 block (DeepSpeed's names).")
     bf16: BF16Config = sub(BF16Config, "bf16 block.")
     precision: str | None = doc(None, "'fp32', 'fp16' or 'bfloat16'; derived from fp16/bf16 when unset.")
+    fp32_allreduce: bool = doc(
+        False, "Reduce gradients across data-parallel ranks in fp32 (DeepSpeed's communication_data_type) "
+        "when training in fp16/bf16.")
 
 
 @dataclass(frozen=True)
@@ -154,6 +157,10 @@ class LRConfig:
     lr_decay_iters: int | None = doc(None, "Iterations over which lr decays to min_lr; train_iters when unset.")
     min_lr: float = doc(0.0, "Floor of the decayed learning rate.")
     warmup: float = doc(0.01, "Warmup as a fraction of lr_decay_iters (linear from 0).")
+    override_lr_scheduler: bool = doc(
+        False, "On resume, take the learning-rate schedule from this config, not from the checkpoint.")
+    use_checkpoint_lr_scheduler: bool = doc(
+        False, "On resume, take the learning-rate schedule from the checkpoint (the default behaviour here).")
 
 
 @dataclass(frozen=True)
@@ -163,6 +170,12 @@ class DataConfig:
     valid_data_paths: list | None = doc(None, "Validation prefixes.")
     test_data_paths: list | None = doc(None, "Test prefixes.")
     train_data_weights: list | None = doc(None, "Blend weights of train_data_paths.")
+    weight_by_num_documents: bool = doc(
+        False, "Blend weights from each dataset's document count (replacing *_data_weights), tempered "
+        "by weighted_sampler_alpha.")
+    weighted_sampler_alpha: float = doc(
+        1.0, "With weight_by_num_documents: weights proportional to (documents / total) ** alpha, renormalised; "
+        "alpha < 1 favours the small datasets.")
     valid_data_weights: list | None = doc(None, "Blend weights of valid_data_paths.")
     test_data_weights: list | None = doc(None, "Blend weights of test_data_paths.")
     split: str = doc("969, 30, 1", "Train/valid/test proportions of data_path's documents.")
@@ -193,6 +206,7 @@ class TrainingConfig:
     train_micro_batch_size_per_gpu: int | None = doc(None, "Sequences per rank per micro-batch.")
     gradient_accumulation_steps: int | None = doc(None, "Micro-batches per optimizer step.")
     seed: int = doc(1234, "Seed of weights, dropout and data order.")
+    eod_mask_loss: bool = doc(False, "Leave end-of-document tokens out of the loss (as targets).")
     eval_interval: int = doc(1000, "Evaluate on the validation split every this many iterations.")
     eval_iters: int = doc(100, "Batches per evaluation.")
     exit_interval: int | None = doc(
@@ -219,6 +233,12 @@ class CheckpointConfig:
     load: str | None = doc(None, "Directory to resume from (its `latest` tag).")
     checkpoint_factor: int | None = doc(None, "Save every this many iterations (and at the end).")
     keep_last_n_checkpoints: int | None = doc(None, "Delete older checkpoints beyond this count.")
+    extra_save_iters: list | None = doc(None, "Iterations saved besides every checkpoint_factor (Pythia: 1, 2, 4 ... 512).")
+    no_save_optim: bool = doc(False, "Save weights without optimizer state.")
+    no_save_rng: bool = doc(False, "Save without the random number generator states.")
+    no_load_rng: bool = doc(False, "Resume without restoring the random number generator states.")
+    checkpoint_validation_with_forward_pass: bool = doc(
+        False, "Accepted for GPT-NeoX configs; every save is checked here by its atomic rename instead.")
     finetune: bool = doc(
         False, "Load weights only and start at iteration 0; the checkpoint may have any tensor/pipeline "
         "layout, ours or GPT-NeoX's (docs/checkpoints.md).")
@@ -235,6 +255,9 @@ class LoggingConfig:
     use_wandb: bool = doc(False, "Log to Weights & Biases (WANDB_MODE=offline works without account).")
     wandb_project: str = doc("neox", "wandb project.")
     wandb_group: str | None = doc(None, "wandb group (run name prefix).")
+    wandb_team: str | None = doc(None, "wandb entity (team or user) the run is logged under.")
+    wandb_host: str = doc("https://api.wandb.ai", "wandb server URL.")
+    wandb_run_name: str | None = doc(None, "wandb run name; default: the group with a random suffix.")
     log_interval: int = doc(10, "Iterations between log lines.")
     steps_per_print: int = doc(10, "DeepSpeed's own print interval.")
     wall_clock_breakdown: bool = doc(False, "DeepSpeed timing breakdown in its logs.")
