@@ -53,6 +53,7 @@ class Derived:
     padded_vocab_size: int | None
     precision: str
     lr: float
+    save_iters: tuple[int, ...]  # iterations that save: multiples of checkpoint_factor and extra_save_iters
     launcher: str  # how deepy.py starts the ranks: local, pdsh, slurm, openmpi or mvapich
     num_nodes: int
     procs_per_node: int
@@ -116,6 +117,15 @@ def mlp_width(model: ModelConfig) -> int:
         size = int(size * 2 / 3) // 2
     m = model.mlp_multiple_of
     return m * -(-size // m)
+
+
+def save_iterations(ck: CheckpointConfig, train_iters: int) -> tuple[int, ...]:
+    """Every multiple of checkpoint_factor up to train_iters, and extra_save_iters (GPT-NeoX's
+    `save_iters`); the last iteration also saves, which the training loop handles."""
+    iters = {i for i in (ck.extra_save_iters or []) if 0 < i <= train_iters}
+    if ck.checkpoint_factor:
+        iters.update(range(ck.checkpoint_factor, train_iters + 1, ck.checkpoint_factor))
+    return tuple(sorted(iters))
 
 
 def _batch_triple(training: TrainingConfig, dp: int) -> tuple[int, int, int]:
@@ -207,6 +217,7 @@ def derive(groups: dict[str, Any], world_size: int, vocab_size: int | None, num_
         padded_vocab_size=padded,
         precision=_precision(opt),
         lr=float(opt.optimizer.params.get("lr", 6e-4)),
+        save_iters=save_iterations(groups["checkpoint"], train_iters),
         launcher=effective_launcher(groups["launcher"]),
         num_nodes=num_nodes,
         procs_per_node=world_size // num_nodes,

@@ -109,7 +109,7 @@ def train(run: RunState) -> list[float]:
         last_saved = iteration
         run.print(f"saved checkpoint {path} in {time.perf_counter() - began:.2f} s")
 
-    start, end = iteration, d.train_iters
+    start, end, save_iters = iteration, d.train_iters, set(d.save_iters)
     if cfg.training.exit_interval:  # GPT-NeoX's meaning: stop at the next multiple
         end = min(end, (start // cfg.training.exit_interval + 1) * cfg.training.exit_interval)
     if start >= end:
@@ -132,7 +132,7 @@ def train(run: RunState) -> list[float]:
         if cfg.training.eval_interval and iteration % cfg.training.eval_interval == 0:
             evaluate(run, iteration)
             stats.start = time.perf_counter()  # eval time is not training throughput
-        if ck.save and ck.checkpoint_factor and iteration % ck.checkpoint_factor == 0:
+        if ck.save and iteration in save_iters:
             save()
         if preemption.agreed():
             if ck.save and last_saved != iteration:
