@@ -15,6 +15,7 @@ from pathlib import Path
 
 from megatron.config import ConfigError, NeoXConfig, load_config
 from megatron.launcher.dry_run import report
+from megatron.launcher.environment import node_layout
 from megatron.launcher.launch import launch, plan_launch
 from megatron.config.validate import check_launchable
 
@@ -41,7 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # Data files are training's: generate.py and tools launched the same way do not read them.
         needs_data = Path(args.script).name == "train.py" and not args.dry_run
-        cfg = load_config(args.configs, require_files=needs_data)
+        nodes, per_node = node_layout(args.configs)
+        cfg = load_config(args.configs, world_size=nodes * per_node, num_nodes=nodes, require_files=needs_data)
         for override in cfg.overrides:
             print(f"override {override}")
         if args.dry_run:

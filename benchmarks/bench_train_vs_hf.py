@@ -98,7 +98,7 @@ def torch_adamw(model: nn.Module, cfg) -> torch.optim.Optimizer:
     for-loop over parameters on the CPU), our groups and hyper-parameters."""
     params = cfg.optimizer.optimizer.params
     return torch.optim.AdamW(param_groups(model, cfg.optimizer.weight_decay), lr=cfg.derived.lr,
-                             betas=tuple(params["betas"]), eps=params["eps"])
+                             betas=tuple(params.betas), eps=params.eps)
 
 
 def our_model(cfg, dtype: torch.dtype) -> gpt.GPTModel:

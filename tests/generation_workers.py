@@ -19,7 +19,8 @@ def tp_generation_matches_single(rank: int, world: int, parallel_residual: bool)
     """Greedy and seeded sampled tokens of the TP model, with and without the cache, equal the
     single-process model's (the seeded init is layout- and padding-independent)."""
     tp = ParallelGroups(1, world, 1).tensor
-    m = ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, seq_length=48, rotary_pct=0.5,
+    m = ModelConfig(pos_emb="rotary",
+                    num_layers=2, hidden_size=64, num_attention_heads=4, seq_length=48, rotary_pct=0.5,
                     gpt_j_residual=parallel_residual, no_weight_tying=not parallel_residual)
     single = GPTModel(layer_defs(m, 128, 256, 48, seed=11, vocab_size=VOCAB))
     sharded = GPTModel(layer_defs(m, 256, 256, 48, seed=11, tp=tp, vocab_size=VOCAB))

@@ -42,7 +42,8 @@ def model_with_padding(rank: int, world: int, tied: bool) -> None:
     """A TP model with vocab 100 padded to 256 computes what one process computes with no padding
     at all: logits, loss and every gradient; padded rows get exactly zero gradient."""
     tp = ParallelGroups(1, world, 1).tensor
-    m = ModelConfig(num_layers=2, hidden_size=32, num_attention_heads=4, seq_length=16, rotary_pct=0.5,
+    m = ModelConfig(pos_emb="rotary",
+                    num_layers=2, hidden_size=32, num_attention_heads=4, seq_length=16, rotary_pct=0.5,
                     no_weight_tying=not tied)
     par = GPTModel(layer_defs(m, PADDED, 128, 16, seed=5, tp=tp, vocab_size=VOCAB))
     ref = GPTModel(layer_defs(m, VOCAB, 128, 16, seed=5))  # no padding

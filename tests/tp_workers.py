@@ -69,7 +69,8 @@ def embedding_and_cross_entropy(rank: int, world: int) -> None:
 def whole_model_gradients(rank: int, world: int, parallel_residual: bool, sequence_parallel: bool) -> None:
     """Forward loss and every parameter's gradient of the TP model equal the dense model's."""
     groups = ParallelGroups(1, world, 1, sequence_parallel)
-    m = ModelConfig(num_layers=2, hidden_size=32, num_attention_heads=4, seq_length=16, rotary_pct=0.5,
+    m = ModelConfig(pos_emb="rotary",
+                    num_layers=2, hidden_size=32, num_attention_heads=4, seq_length=16, rotary_pct=0.5,
                     gpt_j_residual=parallel_residual, no_weight_tying=False)
     models = [GPTModel(layer_defs(m, 64, 128, 16, seed=5, tp=t)) for t in (groups.tensor, SINGLE)]
     tokens = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(4))
@@ -92,7 +93,8 @@ def collectives_per_layer(rank: int, world: int, parallel_residual: bool, counts
     from megatron.model.transformer import TransformerLayer
 
     tp = ParallelGroups(1, world, 1).tensor
-    m = ModelConfig(num_layers=1, hidden_size=32, num_attention_heads=4, seq_length=8, gpt_j_residual=parallel_residual)
+    m = ModelConfig(pos_emb="rotary", num_layers=1, hidden_size=32, num_attention_heads=4, seq_length=8,
+                    gpt_j_residual=parallel_residual)
     layer = TransformerLayer(m, 128, layer_generator(0, 2), tp=tp)
     calls = {"all_reduce": 0, "all_gather": 0}
     real = {name: getattr(dist, name) for name in calls}
@@ -129,3 +131,37 @@ def dropout_streams(rank: int, world: int) -> None:
     torch.manual_seed(7)
     torch.nn.functional.dropout(torch.ones(64), 0.5)
     assert torch.equal(torch.nn.functional.dropout(torch.ones(64), 0.5), after)
+
+
+def llama_config(kv_heads: int | None, **kw) -> ModelConfig:
+    """A small Llama-shaped model: RMSNorm, SwiGLU, no biases, untied, full rotary."""
+    base = dict(pos_emb="rotary",
+                num_layers=2, hidden_size=64, num_attention_heads=8, num_kv_heads=kv_heads, seq_length=16,
+                norm="rmsnorm", rms_norm_epsilon=1e-6, activation="swiglu", use_bias_in_norms=False,
+                use_bias_in_attn_linear=False, use_bias_in_mlp=False, rotary_pct=1.0, no_weight_tying=True)
+    return ModelConfig(**{**base, **kw})
+
+
+def llama_gradients(rank: int, world: int, kv_heads: int | None, sequence_parallel: bool) -> None:
+    """A Llama-shaped TP model (gated MLP, grouped-query attention when kv_heads < heads) gives one
+    process's loss and, merged block by block as checkpoints merge, every gradient."""
+    from megatron.checkpointing import layout
+
+    groups = ParallelGroups(1, world, 1, sequence_parallel)
+    m = llama_config(kv_heads)
+    models = [GPTModel(layer_defs(m, 64, 96, 16, seed=5, tp=t, vocab_size=64)) for t in (groups.tensor, SINGLE)]
+    tokens = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(4))
+    labels = tokens.roll(-1, dims=1)
+    losses = [lm_loss(model(tokens), labels, t) for model, t in zip(models, (groups.tensor, SINGLE))]
+    torch.testing.assert_close(losses[0], losses[1], **TOL)
+    for loss in losses:
+        loss.backward()
+    dense = dict(models[1].named_parameters())
+    for name, p in models[0].named_parameters():
+        g = p.grad
+        if getattr(p, "tp_sharded", False):
+            parts = [torch.empty_like(g) for _ in range(world)]
+            dist.all_gather(parts, g.contiguous(), group=groups.tensor.group)
+            key = name.split(".", 2)[2]  # "layers.3.mlp.dense_h_to_4h.weight" -> the layer's own key
+            g = layout.merge(key, parts, layout.REPLICATED, m)
+        torch.testing.assert_close(g, dense[name].grad, **TOL, msg=lambda s: f"{name}: {s}")

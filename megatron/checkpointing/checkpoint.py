@@ -6,7 +6,9 @@ configs/ with the YAML files of the run. SAVE/latest names the tag and is writte
 through a rename, so a crash mid-save never leaves `latest` pointing at a partial checkpoint.
 
 Client state carries the iteration, consumed samples and the RNG states (Python, NumPy, torch,
-CUDA), so a resumed run continues bit for bit.
+CUDA), so a resumed run continues bit for bit. GPT-NeoX's switches leave parts out: `no_save_optim`
+(weights only: a resume then loads them like a new layout, `no_load_optim` keeps the RNG too),
+`no_save_rng` (a resume needs `no_load_rng`), and `no_load_rng` (resume with this run's seeds).
 """
 
 from __future__ import annotations
@@ -61,16 +63,32 @@ def _barrier() -> None:
 
 def save_checkpoint(engine: Any, save_dir: str, iteration: int, consumed_samples: int,
                     config_files: tuple[str, ...], keep_last_n: int | None,
-                    description: dict[str, Any] | None = None) -> Path:
+                    description: dict[str, Any] | None = None, save_optim: bool = True,
+                    save_rng: bool = True) -> Path:
     """`description` (reader.describe) marks the files as ours and records the architecture,
-    so tools and other layouts can read them without the YAML files."""
+    so tools and other layouts can read them without the YAML files. Without `save_optim` no
+    optimizer state is written (no *optim_states.pt, none in the engine file); without
+    `save_rng` no RNG states."""
     tag = tag_for(iteration)
-    client = {**(description or {}), "iteration": iteration, "consumed_samples": consumed_samples,
-              "rng": rng_state()}
+    client = {**(description or {}), "iteration": iteration, "consumed_samples": consumed_samples}
+    if save_rng:
+        client["rng"] = rng_state()
+    if not save_optim:
+        # Client state is merged over DeepSpeed's own entries, so this replaces the optimizer
+        # state ZeRO 0 keeps in the engine file; ZeRO >= 1 writes it to shards, skipped below.
+        client["optimizer"] = None
     path = Path(save_dir) / tag
     if _rank() == 0:  # a conversion of an earlier save under this tag would be reused: stale
         shutil.rmtree(path / universal.FOLDER, ignore_errors=True)
-    engine.save_checkpoint(save_dir, tag=tag, client_state=client, save_latest=False)
+    # The engine's own switch for this rank's optimizer shards, set at init; off for this save.
+    skip_shards = not save_optim and engine.save_zero_checkpoint
+    if skip_shards:
+        engine.save_zero_checkpoint = False
+    try:
+        engine.save_checkpoint(save_dir, tag=tag, client_state=client, save_latest=False)
+    finally:
+        if skip_shards:
+            engine.save_zero_checkpoint = True
     if _rank() == 0:
         configs = path / "configs"
         configs.mkdir(parents=True, exist_ok=True)
@@ -119,17 +137,21 @@ def latest_tag(load_dir: str) -> str | None:
 
 
 def load_checkpoint(engine: Any, plan: LoadPlan | None, finetune: bool, load_optim: bool,
-                    samples_per_iteration: int) -> tuple[int, int] | None:
+                    samples_per_iteration: int, load_rng: bool = True) -> tuple[int, int] | None:
     """Resume as `plan` says (megatron/checkpointing/loading.py). Returns (iteration,
     consumed_samples), or None when there is nothing to load. `finetune` restarts at iteration 0.
-    A resharded plan has put the weights into the module already; what is left is the position.
-    A universal plan loads like a native one, from the converted folder."""
+    A resharded plan has put the weights into the module already; what is left is the position
+    and the learning-rate schedule. A universal plan loads like a native one, from the converted
+    folder. Without `load_rng` the RNG states stay as this run's seed made them."""
     if plan is None:
         return None
     reader = plan.reader
     if plan.way == "resharded":
         if finetune:
             return 0, 0
+        # DeepSpeed restores the schedule only with the optimizer; without this the rate would
+        # restart its warmup at the resumed iteration.
+        engine.lr_scheduler.load_state_dict(reader.client.get("lr_scheduler") or {"num_iters": reader.iteration})
         # GPT-NeoX's client state has no sample count: every step consumed one global batch.
         consumed = reader.client.get("consumed_samples", reader.iteration * samples_per_iteration)
         return reader.iteration, int(consumed)
@@ -147,5 +169,9 @@ def load_checkpoint(engine: Any, plan: LoadPlan | None, finetune: bool, load_opt
         raise CheckpointError(f"DeepSpeed found no loadable checkpoint in {reader.path}")
     if client is None or "iteration" not in client:
         raise CheckpointError(f"{reader.path}: no training state (iteration) in the engine file")
-    set_rng_state(client["rng"])
+    if load_rng:
+        if "rng" not in client:
+            raise CheckpointError(f"{reader.path} holds no RNG states (saved with no_save_rng); set no_load_rng: "
+                                  "true to resume with this run's seeds, or finetune: true")
+        set_rng_state(client["rng"])
     return int(client["iteration"]), int(client["consumed_samples"])

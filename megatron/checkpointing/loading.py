@@ -164,9 +164,9 @@ def load_weights(module: nn.Module, reader: CheckpointReader, model: ModelConfig
     output = layout.output_number(model.num_layers)
     for number, layer in local_layers(module):
         if number == output and reader.tied:  # untied run from a tied checkpoint
-            tensors = {"final_linear.weight": reader.layer(0, model.gpt_j_residual)["word_embeddings.weight"]}
+            tensors = {"final_linear.weight": reader.layer(0, model.gpt_j_residual, model)["word_embeddings.weight"]}
         else:
-            tensors = reader.layer(number, model.gpt_j_residual)
+            tensors = reader.layer(number, model.gpt_j_residual, model)
         target = {k: v for k, v in layer.state_dict().items() if layout.canonical_key(k) is not None}
         if set(target) != set(tensors):
             raise CheckpointError(f"{reader.path}: layer {number} holds {sorted(tensors)}, the model expects "
@@ -175,7 +175,7 @@ def load_weights(module: nn.Module, reader: CheckpointReader, model: ModelConfig
             full = tensors[key]
             if key in layout.VOCAB:
                 full = layout.resize_vocab(key, full, param.shape[0] * tp.size)
-            shard = layout.split(key, full, tp.size)[tp.rank]
+            shard = layout.split(key, full, tp.size, model)[tp.rank]
             if shard.shape != param.shape:
                 raise CheckpointError(f"{reader.path}: layer {number} {key} has shape {list(full.shape)}, which "
                                       f"gives {list(shard.shape)} per rank at TP {tp.size}; the model has "

@@ -203,15 +203,23 @@ class CheckpointReader:
             return [load_file(self.path / self._layer_files[number][r], self.allow_unsafe) for r in range(self.tp)]
         return [self._plain_layers(r).get(number, {}) for r in range(self.tp)]
 
-    def layer(self, number: int, parallel_residual: bool) -> dict[str, torch.Tensor]:
-        """Layer `number` whole: canonical names, shards merged, derived buffers dropped."""
+    def layer(self, number: int, parallel_residual: bool, model: ModelConfig | None = None) -> dict[str, torch.Tensor]:
+        """Layer `number` whole: canonical names, shards merged, derived buffers dropped.
+
+        model: the architecture, whose fused tensors (gated MLP, grouped-query attention) merge
+        block by block; the stored one when None (one without a stored config merges as plain)."""
         shards = self.layer_shards(number)
         rule = self.row_bias(parallel_residual)
+        if model is None:
+            try:
+                model = self.model_config()[0]
+            except CheckpointError:
+                model = ModelConfig()  # nothing stored: the multi-head, ungated layout
         merged = {}
         for key in shards[0]:
             name = layout.canonical_key(key)
             if name is not None:
-                merged[name] = layout.merge(name, [s[key] for s in shards], rule)
+                merged[name] = layout.merge(name, [s[key] for s in shards], rule, model)
         return merged
 
     # -- internals ------------------------------------------------------------------------

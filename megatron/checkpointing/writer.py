@@ -68,7 +68,7 @@ def write_checkpoint(
             if key in layout.VOCAB:
                 padded = pad_vocab_size(vocab_size or full.shape[0], model.make_vocab_size_divisible_by, tp)
                 full = layout.resize_vocab(key, full, padded)
-            for rank, shard in enumerate(layout.split(key, full, tp, row_bias)):
+            for rank, shard in enumerate(layout.split(key, full, tp, model, row_bias)):
                 # clone: a chunk is a view, and torch.save would write the whole tensor's storage
                 name = key if pp else f"layers.{module_index(number, model.num_layers)}.{key}"
                 shards[rank][name] = shard.clone()

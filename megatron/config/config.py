@@ -13,7 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from megatron.config.loader import ConfigError, Override, merge_files, split_into_groups
+from megatron.config.errors import ConfigError
+from megatron.config.loader import Override, merge_files, split_into_groups
+from megatron.config.neox_only import NeoXOnlyConfig, check_neox_only, check_second_spellings
 from megatron.config.schema import (
     CheckpointConfig,
     DataConfig,
@@ -27,10 +29,8 @@ from megatron.config.schema import (
     ParallelConfig,
     TrainingConfig,
 )
-from megatron.config.validate import (check_choices, check_files, check_generation, check_model, check_precision,
+from megatron.config.validate import (check_files, check_generation, check_model, check_optimizer, check_precision,
                                       check_training)
-from megatron.launcher.environment import slurm_allocation
-from megatron.parallel.device import gpus_on_this_node
 from megatron.tokenizer.tokenizer import pad_vocab_size
 
 
@@ -52,6 +52,7 @@ class Derived:
     vocab_size: int | None
     padded_vocab_size: int | None
     precision: str
+    zero_stage: int  # ZeRO stage run: zero_optimization.stage, except fp16/bf16 at stage 0 runs stage 1
     lr: float
     save_iters: tuple[int, ...]  # iterations that save: multiples of checkpoint_factor and extra_save_iters
     launcher: str  # how deepy.py starts the ranks: local, pdsh, slurm, openmpi or mvapich
@@ -71,6 +72,7 @@ class NeoXConfig:
     logging: LoggingConfig
     launcher: LauncherConfig
     generation: GenerationConfig
+    neox: NeoXOnlyConfig  # type: ignore[valid-type]  # built from neox_only.TABLE
     derived: Derived
     config_files: tuple[str, ...]
     overrides: tuple[Override, ...]
@@ -79,7 +81,7 @@ class NeoXConfig:
         """Flat GPT-NeoX-style dict of every key (for wandb and the saved run config)."""
         flat: dict[str, Any] = {}
         for group in ("model", "parallel", "optimizer", "lr", "data", "training",
-                      "checkpoint", "logging", "launcher", "generation"):
+                      "checkpoint", "logging", "launcher", "generation", "neox"):
             flat.update(dataclasses.asdict(getattr(self, group)))
         flat.update({f"derived.{k}": v for k, v in dataclasses.asdict(self.derived).items()})
         return flat
@@ -95,18 +97,6 @@ def effective_launcher(launcher: LauncherConfig) -> str:
     return "pdsh" if launcher.num_nodes > 1 else "local"
 
 
-def node_layout(parallel: ParallelConfig, launcher: LauncherConfig) -> tuple[int, int]:
-    """(nodes, processes per node) the launcher starts. Inside a Slurm allocation the allocation
-    decides (sbatch --nodes/--ntasks-per-node override the config); otherwise num_nodes, and per
-    node num_gpus, else one per GPU of this machine (GPT-NeoX's default), else (CPU only) TP x PP."""
-    per_node = (launcher.num_gpus or gpus_on_this_node()
-                or parallel.model_parallel_size * max(parallel.pipe_parallel_size, 1))
-    allocation = slurm_allocation() if effective_launcher(launcher) == "slurm" else None
-    if allocation is not None:
-        return allocation[0], allocation[1] or per_node
-    return launcher.num_nodes, per_node
-
-
 def mlp_width(model: ModelConfig) -> int:
     """GPT-NeoX's MLP sizing: the size is intermediate_size, else expansion_factor x hidden, else
     4 x hidden; a gated activation keeps two thirds of it for both halves together; the width
@@ -120,12 +110,30 @@ def mlp_width(model: ModelConfig) -> int:
 
 
 def save_iterations(ck: CheckpointConfig, train_iters: int) -> tuple[int, ...]:
-    """Every multiple of checkpoint_factor up to train_iters, and extra_save_iters (GPT-NeoX's
-    `save_iters`); the last iteration also saves, which the training loop handles."""
+    """GPT-NeoX's `save_iters`: with checkpoint_scale linear every multiple of checkpoint_factor,
+    with log every power of it (1, f, f^2, ... below train_iters), plus extra_save_iters; the last
+    iteration also saves, which the training loop handles."""
     iters = {i for i in (ck.extra_save_iters or []) if 0 < i <= train_iters}
-    if ck.checkpoint_factor:
-        iters.update(range(ck.checkpoint_factor, train_iters + 1, ck.checkpoint_factor))
+    factor = ck.checkpoint_factor
+    if factor and ck.checkpoint_scale == "linear":
+        if factor != int(factor) or factor < 1:
+            raise ConfigError(f"checkpoint_factor {factor} must be a whole number >= 1 with checkpoint_scale linear")
+        iters.update(range(int(factor), train_iters + 1, int(factor)))
+    elif factor:
+        if factor <= 1:
+            raise ConfigError(f"checkpoint_factor {factor} must be > 1 with checkpoint_scale log")
+        power = 1.0
+        while power < train_iters:
+            iters.add(int(power))
+            power *= factor
     return tuple(sorted(iters))
+
+
+def _zero_stage(stage: int, precision: str) -> int:
+    """DeepSpeed 0.19's mixed precision at ZeRO stage 0 never scales the fp16 loss and takes a
+    zero-gradient step at start, so it runs at stage 1: the same updates, with the optimizer state
+    split over the data-parallel ranks (GPT-NeoX's Pythia 14M/31M configs ask for stage 0)."""
+    return 1 if stage == 0 and precision in ("fp16", "bfloat16") else stage
 
 
 def _batch_triple(training: TrainingConfig, dp: int) -> tuple[int, int, int]:
@@ -158,6 +166,8 @@ def _batch_triple(training: TrainingConfig, dp: int) -> tuple[int, int, int]:
 
 
 def _precision(opt: OptimizerConfig) -> str:
+    """GPT-NeoX's rule: an enabled fp16/bf16 block sets precision, and precision 'fp16' or
+    'bfloat16' alone turns its block on; the two must not contradict each other."""
     fp16_on = opt.fp16.enabled or bool(opt.fp16.fp16)
     if opt.fp16.type == "bfloat16":
         fp16_on, bf16_on = False, True
@@ -165,10 +175,10 @@ def _precision(opt: OptimizerConfig) -> str:
         bf16_on = opt.bf16.enabled
     if fp16_on and bf16_on:
         raise ConfigError("fp16 and bf16 are both enabled: choose one")
-    derived = "fp16" if fp16_on else "bfloat16" if bf16_on else "fp32"
-    if opt.precision is not None and opt.precision != derived:
-        raise ConfigError(f"precision {opt.precision!r} disagrees with the fp16/bf16 blocks ({derived!r})")
-    return derived
+    derived = "fp16" if fp16_on else "bfloat16" if bf16_on else None
+    if opt.precision is None or derived is None or derived == opt.precision:
+        return opt.precision or derived or "fp32"
+    raise ConfigError(f"precision {opt.precision!r} disagrees with the fp16/bf16 blocks ({derived or 'fp32'!r})")
 
 
 def derive(groups: dict[str, Any], world_size: int, vocab_size: int | None, num_nodes: int) -> Derived:
@@ -195,10 +205,16 @@ def derive(groups: dict[str, Any], world_size: int, vocab_size: int | None, num_
         raise ConfigError("set train_iters or train_tokens")
     if train_iters < 1:
         raise ConfigError(f"train_iters must be >= 1, got {train_iters}")
-    decay = lr.lr_decay_iters or train_iters
+    if lr.lr_decay_iters is not None and lr.lr_decay_fraction is not None:
+        raise ConfigError("set lr_decay_iters or lr_decay_fraction, not both")
+    if lr.lr_decay_fraction is not None:
+        decay = int(train_iters * lr.lr_decay_fraction)
+    else:
+        decay = lr.lr_decay_iters or train_iters
     vocab = model.vocab_size if model.vocab_size is not None else vocab_size
     padded = None if vocab is None else pad_vocab_size(vocab, model.make_vocab_size_divisible_by, tp)
     opt: OptimizerConfig = groups["optimizer"]
+    precision = _precision(opt)
     return Derived(
         world_size=world_size,
         data_parallel_size=dp,
@@ -215,8 +231,9 @@ def derive(groups: dict[str, Any], world_size: int, vocab_size: int | None, num_
         max_position_embeddings=model.max_position_embeddings or model.seq_length,
         vocab_size=vocab,
         padded_vocab_size=padded,
-        precision=_precision(opt),
-        lr=float(opt.optimizer.params.get("lr", 6e-4)),
+        precision=precision,
+        zero_stage=_zero_stage(opt.zero_optimization.stage, precision),
+        lr=opt.optimizer.params.lr,
         save_iters=save_iterations(groups["checkpoint"], train_iters),
         launcher=effective_launcher(groups["launcher"]),
         num_nodes=num_nodes,
@@ -227,25 +244,34 @@ def derive(groups: dict[str, Any], world_size: int, vocab_size: int | None, num_
 def load_config(
     paths: list[str],
     world_size: int | None = None,
+    num_nodes: int | None = None,
     require_files: bool = True,
     vocab_size: int | None = None,
 ) -> NeoXConfig:
     """Merge YAML files, derive, validate.
 
-    world_size: the number of processes of the run; by default what the launcher would start.
+    world_size, num_nodes: the run's processes and nodes, from the caller that knows them (deepy.py
+    asks the launcher, megatron/launcher/environment.py `node_layout`; a worker reads its launch
+    environment). The config never looks at the machine. Unset: what the config alone asks for,
+    num_nodes x (num_gpus, else model_parallel_size x pipe stages), for tools that only plan.
     require_files: check that data and tokenizer files exist (False for planning, e.g. --dry-run).
     vocab_size: the tokenizer's size when the caller has already loaded it.
     """
     values, origin, overrides = merge_files(paths)
-    groups = split_into_groups(values, origin)
-    check_choices(groups)
+    groups = check_optimizer(split_into_groups(values, origin))
+    check_neox_only(groups)
     if require_files:
         check_files(groups["data"])
-    nodes, per_node = node_layout(groups["parallel"], groups["launcher"])
-    derived = derive(groups, world_size or nodes * per_node, vocab_size, nodes)
+    nodes = num_nodes or groups["launcher"].num_nodes
+    if world_size is None:
+        parallel = groups["parallel"]
+        world_size = nodes * (groups["launcher"].num_gpus
+                              or parallel.model_parallel_size * max(parallel.pipe_parallel_size, 1))
+    derived = derive(groups, world_size, vocab_size, nodes)
+    check_second_spellings(groups, derived)
     check_model(groups["model"], groups["parallel"], derived)
     check_precision(groups["optimizer"], groups["parallel"], derived)
-    check_training(groups["training"], groups["parallel"])
+    check_training(groups["training"], groups["parallel"], groups["lr"])
     check_generation(groups["generation"])
     return NeoXConfig(
         **groups, derived=derived,

@@ -18,11 +18,10 @@ from typing import Any
 
 import yaml
 
+from megatron.config.errors import ConfigError
 from megatron.config.schema import GROUPS
 
-
-class ConfigError(ValueError):
-    """A user error in the configuration: the message says what to change."""
+__all__ = ["ConfigError", "Override", "merge_files", "read_yaml", "split_into_groups"]
 
 
 @dataclass(frozen=True)
@@ -148,18 +147,27 @@ def unknown_key_error(key: str, valid: list[str], where: str) -> ConfigError:
 
 
 def _coerce(value: Any, hint: Any, name: str, where: str) -> Any:
-    """Check a YAML value against a field's type; ints are accepted where floats are expected."""
+    """Check a YAML value against a field's type; ints are accepted where floats are expected,
+    and a Literal accepts only its listed values."""
+    if hint is Any:
+        return value
     if dataclasses.is_dataclass(hint):
         if not isinstance(value, dict):
             raise ConfigError(f"{name}{where}: expected a mapping, got {value!r}")
         return build_dataclass(hint, value, name + ".", where)
     args = typing.get_args(hint)
+    if typing.get_origin(hint) is typing.Literal:
+        if value in args:
+            return value
+        raise ConfigError(f"{name} is {value!r}; choose one of {', '.join(map(repr, args))}")
     allowed = [a for a in args if a is not type(None)] if args else [hint]
     if value is None:
         if type(None) in args:
             return None
         raise ConfigError(f"{name}{where}: must not be null")
     for kind in allowed:
+        if typing.get_origin(kind) is typing.Literal or dataclasses.is_dataclass(kind):
+            return _coerce(value, kind, name, where)  # Optional[Literal] / Optional[block]
         origin = typing.get_origin(kind) or kind
         if origin is float and isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)

@@ -6,25 +6,22 @@ there. Every field carries its documentation in ``metadata["doc"]`` (``docs/conf
 generated from these, and a test fails when a field has none).
 
 Nested YAML blocks that GPT-NeoX passes straight to DeepSpeed (``optimizer``, ``fp16``, ``bf16``,
-``zero_optimization``) are typed dataclasses too, so a typo inside them is caught as well.
+``zero_optimization``) are typed dataclasses too (blocks.py), so a typo inside them is caught as well.
+A ``Literal`` type lists GPT-NeoX's choices; the loader refuses any other value. Choices GPT-NeoX has
+and this framework does not implement, and GPT-NeoX's keys for features absent here, are kept in one
+table, neox_only.py. Defaults are GPT-NeoX's; docs/neox_compat.md lists the few that differ and why.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import Literal
 
+from megatron.config.blocks import BF16Config, FP16Config, OptimizerSpec, ZeroConfig, doc, sub
+from megatron.config.neox_only import NeoXOnlyConfig
 
-def doc(default: Any, text: str) -> Any:
-    """A dataclass field with a default and its documentation."""
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata={"doc": text})
-    return field(default=default, metadata={"doc": text})
-
-
-def sub(cls: type, text: str) -> Any:
-    """A nested config block."""
-    return field(default_factory=cls, metadata={"doc": text})
+INIT_METHODS = Literal["normal", "scaled_normal", "orthogonal", "scaled_orthogonal", "xavier_uniform",
+                       "xavier_normal", "wang_init", "small_init", "single_residual_scaled_normal"]
 
 
 @dataclass(frozen=True)
@@ -57,30 +54,35 @@ class ModelConfig:
     make_vocab_size_divisible_by: int = doc(
         128, "The embedding is padded to a multiple of this x model_parallel_size."
     )
-    norm: str = doc("layernorm", "'layernorm' or 'rmsnorm'.")
+    norm: Literal["layernorm", "rmsnorm", "non_parametric_layernorm", "scalenorm", "te_rmsnorm", "te_layernorm"] = doc(
+        "layernorm", "'layernorm' or 'rmsnorm'; GPT-NeoX's other norms are refused (docs/neox_compat.md).")
     layernorm_epsilon: float = doc(1e-5, "Epsilon of layernorm.")
     rms_norm_epsilon: float = doc(1e-8, "Epsilon of rmsnorm.")
-    pos_emb: str = doc("rotary", "'rotary', 'learned' or 'none'.")
+    pos_emb: Literal["learned", "rotary", "sinusoidal", "rpe", "alibi", "none"] = doc(
+        "learned", "'learned' (GPT-NeoX's default), 'rotary' (every published GPT-NeoX model) or 'none'; "
+        "'sinusoidal', 'rpe' and 'alibi' are refused.")
     rotary_pct: float = doc(1.0, "Fraction of each head's dims that rotary rotates (20B: 0.25).")
     rotary_emb_base: int = doc(10000, "Base of the rotary frequencies.")
     no_weight_tying: bool = doc(False, "True: separate input and output embeddings (20B).")
     gpt_j_residual: bool = doc(
         False, "True: parallel residual x + attn(ln1(x)) + mlp(ln2(x)); False: sequential."
     )
-    activation: str = doc(
+    activation: Literal["gelu", "geglu", "relu", "softsign", "swish", "mish", "silu", "reglu", "swiglu",
+                        "bilinear", "glu"] = doc(
         "gelu", "MLP activation: 'gelu' (exact unless bias_gelu_fusion), 'relu', 'softsign', 'swish', 'mish', "
         "'silu', or a gated one: 'swiglu' (Llama), 'geglu', 'reglu', 'bilinear', 'glu'.")
     bias_gelu_fusion: bool = doc(False, "Fused bias+GELU in GPT-NeoX, which uses the tanh GELU.")
-    init_method: str = doc(
-        "normal", "Init of most weights: 'normal', 'scaled_normal', 'small_init', 'wang_init'."
+    init_method: INIT_METHODS = doc(
+        "normal", "Init of most weights: 'normal', 'scaled_normal', 'small_init', 'wang_init'; GPT-NeoX's "
+        "orthogonal and xavier inits are refused."
     )
-    output_layer_init_method: str = doc(
+    output_layer_init_method: INIT_METHODS = doc(
         "scaled_normal", "Init of attention.dense and dense_4h_to_h (same choices as init_method)."
     )
     init_method_std: float = doc(0.02, "Std of 'normal' and base of 'scaled_normal'.")
     hidden_dropout: float = doc(0.0, "Dropout after attention and MLP outputs.")
     attention_dropout: float = doc(0.0, "Dropout on attention probabilities.")
-    output_layer_parallelism: str = doc("column", "How the output layer is split over TP ranks.")
+    output_layer_parallelism: Literal["column"] = doc("column", "How the output layer is split over TP ranks.")
     scaled_upper_triang_masked_softmax_fusion: bool = doc(
         False, "Accepted for GPT-NeoX configs; attention always uses PyTorch's fused SDPA."
     )
@@ -92,60 +94,29 @@ class ModelConfig:
 class ParallelConfig:
     model_parallel_size: int = doc(1, "Tensor-parallel degree (ranks that split each layer).")
     pipe_parallel_size: int = doc(
-        1,
+        0,
         "Pipeline stages. >= 1 trains through DeepSpeed's pipeline engine (checkpoints in the "
-        "per-layer layout, as GPT-NeoX); 0 uses the plain engine (needed for ZeRO 2/3).",
+        "per-layer layout, as GPT-NeoX; 1 is one stage in that engine); 0 uses the plain engine "
+        "(needed for ZeRO 2/3).",
     )
     pipe_partition_method: str = doc(
-        "type:transformer", "How layers are spread over stages (DeepSpeed partition_method)."
+        "type:transformer|mlp", "How layers are spread over stages (DeepSpeed partition_method): "
+        "'type:REGEX' balances layers whose class name matches, 'parameters' balances parameters, 'uniform' counts layers."
     )
     sequence_parallel: bool = doc(False, "Shard norm/dropout regions along the sequence (TP > 1).")
 
 
 @dataclass(frozen=True)
-class OptimizerSpec:
-    type: str = doc("Adam", "'Adam' or 'AdamW' (both decoupled weight decay) or 'SGD'.")
-    params: dict = doc({}, "lr, betas, eps (and momentum for SGD).")
-
-
-@dataclass(frozen=True)
-class ZeroConfig:
-    stage: int = doc(0, "ZeRO stage 0-3.")
-    allgather_partitions: bool = doc(True, "DeepSpeed ZeRO option.")
-    allgather_bucket_size: int = doc(500_000_000, "DeepSpeed ZeRO option.")
-    overlap_comm: bool = doc(False, "DeepSpeed ZeRO option.")
-    reduce_scatter: bool = doc(True, "DeepSpeed ZeRO option.")
-    reduce_bucket_size: int = doc(500_000_000, "DeepSpeed ZeRO option (gradient bucket bytes).")
-    contiguous_gradients: bool = doc(False, "DeepSpeed ZeRO option.")
-    cpu_offload: bool = doc(False, "Offload optimizer state to CPU memory (ZeRO 1-3).")
-
-
-@dataclass(frozen=True)
-class FP16Config:
-    enabled: bool = doc(False, "Train in fp16 with dynamic loss scaling.")
-    fp16: bool | None = doc(None, "GPT-NeoX's alias of enabled.")
-    type: str | None = doc(None, "GPT-NeoX writes 'bfloat16' here to mean bf16.")
-    loss_scale: float = doc(0.0, "0 = dynamic loss scaling; otherwise a fixed scale.")
-    loss_scale_window: int = doc(1000, "Steps without overflow before the scale doubles.")
-    initial_scale_power: int = doc(16, "Dynamic scaling starts at 2**this.")
-    hysteresis: int = doc(2, "Overflows tolerated before the scale is lowered.")
-    min_loss_scale: float = doc(1.0, "The scale never drops below this.")
-
-
-@dataclass(frozen=True)
-class BF16Config:
-    enabled: bool = doc(False, "Train in bf16 (fp32 master weights in the optimizer).")
-
-
-@dataclass(frozen=True)
 class OptimizerConfig:
     optimizer: OptimizerSpec = sub(OptimizerSpec, "GPT-NeoX's optimizer block: {type, params}.")
-    weight_decay: float = doc(0.01, "Decoupled weight decay; never applied to biases and norms.")
+    weight_decay: float = doc(0.1, "Decoupled weight decay; never applied to biases and norms.")
     gradient_clipping: float = doc(1.0, "Global grad-norm clip; 0 disables.")
     zero_optimization: ZeroConfig = sub(ZeroConfig, "DeepSpeed ZeRO block.")
     fp16: FP16Config = sub(FP16Config, "fp16 block (DeepSpeed's names).")
     bf16: BF16Config = sub(BF16Config, "bf16 block.")
-    precision: str | None = doc(None, "'fp32', 'fp16' or 'bfloat16'; derived from fp16/bf16 when unset.")
+    precision: Literal["fp16", "fp32", "bfloat16"] | None = doc(
+        None, "'fp32', 'fp16' or 'bfloat16'. Set alone, 'fp16' or 'bfloat16' turns that block on (GPT-NeoX's rule); "
+        "unset: derived from the fp16/bf16 blocks.")
     fp32_allreduce: bool = doc(
         False, "Reduce gradients across data-parallel ranks in fp32 (DeepSpeed's communication_data_type) "
         "when training in fp16/bf16.")
@@ -153,14 +124,20 @@ class OptimizerConfig:
 
 @dataclass(frozen=True)
 class LRConfig:
-    lr_decay_style: str = doc("cosine", "'cosine', 'linear' or 'constant' after warmup.")
+    lr_decay_style: Literal["constant", "linear", "cosine", "exponential"] = doc(
+        "linear", "'linear', 'cosine' or 'constant' after warmup; 'exponential' is refused.")
     lr_decay_iters: int | None = doc(None, "Iterations over which lr decays to min_lr; train_iters when unset.")
+    lr_decay_fraction: float | None = doc(
+        None, "lr_decay_iters as a fraction of train_iters (GPT-NeoX); set this or lr_decay_iters, not both.")
     min_lr: float = doc(0.0, "Floor of the decayed learning rate.")
     warmup: float = doc(0.01, "Warmup as a fraction of lr_decay_iters (linear from 0).")
     override_lr_scheduler: bool = doc(
-        False, "On resume, take the learning-rate schedule from this config, not from the checkpoint.")
+        False, "On resume, follow this config's learning-rate schedule (lr, min_lr, warmup, lr_decay_iters, "
+        "lr_decay_style) silently. With neither this nor use_checkpoint_lr_scheduler set, the config is "
+        "followed too, with one line naming each value that differs from the checkpoint's.")
     use_checkpoint_lr_scheduler: bool = doc(
-        False, "On resume, take the learning-rate schedule from the checkpoint (the default behaviour here).")
+        False, "On resume, take lr, min_lr, warmup, lr_decay_iters and lr_decay_style from the checkpoint "
+        "instead of this config.")
 
 
 @dataclass(frozen=True)
@@ -179,9 +156,9 @@ class DataConfig:
     valid_data_weights: list | None = doc(None, "Blend weights of valid_data_paths.")
     test_data_weights: list | None = doc(None, "Blend weights of test_data_paths.")
     split: str = doc("969, 30, 1", "Train/valid/test proportions of data_path's documents.")
-    data_impl: str = doc(
-        "mmap",
-        "'mmap': data_path / *_data_paths are preprocessed PREFIX.bin/.idx datasets. 'stream': "
+    data_impl: Literal["infer", "mmap", "cached", "stream"] = doc(
+        "infer",
+        "'infer' (GPT-NeoX's default) and 'mmap': data_path / *_data_paths are preprocessed PREFIX.bin/.idx datasets. 'stream': "
         "train/valid/test_data_paths are raw .jsonl/.jsonl.zst/.jsonl.gz/.txt files or globs, "
         "tokenized on the fly by num_workers processes per rank (0: in the training process).",
     )
@@ -192,10 +169,14 @@ class DataConfig:
     stream_cache_dir: str | None = doc(
         None, "data_impl 'stream': where per-file token counts are kept so a resumed run skips "
         "whole files unread; default: beside the first training file.")
-    tokenizer_type: str = doc("HFTokenizer", "'HFTokenizer', 'GPT2BPETokenizer' or 'CharLevelTokenizer'.")
+    tokenizer_type: Literal["GPT2BPETokenizer", "HFTokenizer", "HFGPT2Tokenizer", "SPMTokenizer", "CharLevelTokenizer",
+                            "TiktokenTokenizer"] = doc(
+        "GPT2BPETokenizer", "'GPT2BPETokenizer', 'HFTokenizer' or 'CharLevelTokenizer'; the others are refused.")
     vocab_file: str | None = doc(None, "Tokenizer JSON (HFTokenizer) or vocab.json (GPT2BPETokenizer).")
     merge_file: str | None = doc(None, "merges.txt for GPT2BPETokenizer.")
-    num_workers: int = doc(0, "data_impl 'stream': tokenizer worker processes per rank.")
+    num_workers: int = doc(
+        2, "data_impl 'stream': tokenizer worker processes per rank (0: in the training process). "
+        "GPT-NeoX's loader workers; preprocessed data is read in the training process here.")
 
 
 @dataclass(frozen=True)
@@ -206,7 +187,8 @@ class TrainingConfig:
     train_micro_batch_size_per_gpu: int | None = doc(None, "Sequences per rank per micro-batch.")
     gradient_accumulation_steps: int | None = doc(None, "Micro-batches per optimizer step.")
     seed: int = doc(1234, "Seed of weights, dropout and data order.")
-    eod_mask_loss: bool = doc(False, "Leave end-of-document tokens out of the loss (as targets).")
+    eod_mask_loss: bool = doc(False, "Leave positions whose input token is the end-of-document token out of the loss "
+        "(GPT-NeoX's meaning: the prediction made after each document's last token).")
     eval_interval: int = doc(1000, "Evaluate on the validation split every this many iterations.")
     eval_iters: int = doc(100, "Batches per evaluation.")
     exit_interval: int | None = doc(
@@ -216,11 +198,13 @@ class TrainingConfig:
     checkpoint_activations: bool = doc(False, "Recompute layer activations in the backward pass.")
     checkpoint_num_layers: int = doc(1, "Layers per activation-checkpoint chunk.")
     partition_activations: bool = doc(
-        False, "Split checkpointed activations across TP ranks: with TP > 1 it needs sequence_parallel, "
-        "which does that split."
+        False, "Split checkpointed activations across the tensor-parallel ranks (DeepSpeed's activation "
+        "partitioning)."
     )
-    synchronize_each_layer: bool = doc(False, "Accepted for GPT-NeoX configs (CUDA sync per layer).")
-    distributed_backend: str | None = doc(None, "'nccl' or 'gloo'; chosen from the device when unset.")
+    synchronize_each_layer: bool = doc(
+        False, "Accepted; changes nothing here (GPT-NeoX waits for the GPU after every layer, a debugging aid).")
+    distributed_backend: Literal["nccl", "gloo"] | None = doc(
+        None, "'nccl' or 'gloo'; unset: nccl on GPUs, gloo on a CPU-only machine (GPT-NeoX: always nccl).")
     deterministic: bool = doc(False, "Ask PyTorch for deterministic kernels.")
     compile_loss: bool = doc(
         False, "torch.compile the fp32 cross-entropy (model_parallel_size 1): ~10% of a CPU step at a "
@@ -231,7 +215,10 @@ class TrainingConfig:
 class CheckpointConfig:
     save: str | None = doc(None, "Directory checkpoints are written to.")
     load: str | None = doc(None, "Directory to resume from (its `latest` tag).")
-    checkpoint_factor: int | None = doc(None, "Save every this many iterations (and at the end).")
+    checkpoint_factor: int | float | None = doc(
+        None, "checkpoint_scale linear: save every this many iterations (a whole number); log: at every power "
+        "of this below train_iters (1, f, f^2, ...). The last iteration always saves.")
+    checkpoint_scale: Literal["linear", "log"] = doc("linear", "How checkpoint_factor spaces the saves.")
     keep_last_n_checkpoints: int | None = doc(None, "Delete older checkpoints beyond this count.")
     extra_save_iters: list | None = doc(None, "Iterations saved besides every checkpoint_factor (Pythia: 1, 2, 4 ... 512).")
     no_save_optim: bool = doc(False, "Save weights without optimizer state.")
@@ -258,7 +245,7 @@ class LoggingConfig:
     wandb_team: str | None = doc(None, "wandb entity (team or user) the run is logged under.")
     wandb_host: str = doc("https://api.wandb.ai", "wandb server URL.")
     wandb_run_name: str | None = doc(None, "wandb run name; default: the group with a random suffix.")
-    log_interval: int = doc(10, "Iterations between log lines.")
+    log_interval: int = doc(100, "Iterations between log lines.")
     steps_per_print: int = doc(10, "DeepSpeed's own print interval.")
     wall_clock_breakdown: bool = doc(False, "DeepSpeed timing breakdown in its logs.")
 
@@ -281,7 +268,7 @@ class LauncherConfig:
                                      "across nodes; Slurm needs none.")
     include: str | None = doc(None, "Hosts to use, DeepSpeed's syntax ('host1@host2'); with Slurm: srun --nodelist.")
     exclude: str | None = doc(None, "Hosts to leave out, DeepSpeed's syntax; with Slurm: srun --exclude.")
-    launcher: str = doc(
+    launcher: Literal["pdsh", "openmpi", "mvapich", "slurm"] = doc(
         "pdsh", "Multi-node launcher: 'pdsh' (DeepSpeed's runner over ssh), 'slurm' (srun, no ssh), "
         "'openmpi' (mpirun) or 'mvapich' (mpirun of MVAPICH).")
     deepspeed_slurm: bool = doc(False, "GPT-NeoX's switch for Slurm: the ranks take RANK/WORLD_SIZE from srun; "
@@ -307,7 +294,7 @@ class LauncherConfig:
 class GenerationConfig:
     """What generate.py does (GPT-NeoX's text generation keys and defaults)."""
 
-    text_gen_type: str | None = doc(
+    text_gen_type: Literal["unconditional", "input-file", "interactive"] | None = doc(
         None, "generate.py's mode: 'unconditional' (num_samples samples after an end-of-text token), "
         "'input-file' (one completion per prompt of sample_input_file) or 'interactive' (prompts "
         "typed at rank 0's terminal; 'stop' or end of input quits).")
@@ -346,4 +333,5 @@ GROUPS: dict[str, type] = {
     "logging": LoggingConfig,
     "launcher": LauncherConfig,
     "generation": GenerationConfig,
+    "neox": NeoXOnlyConfig,
 }

@@ -2,47 +2,27 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from megatron.config.loader import ConfigError
-from megatron.config.schema import (DataConfig, GenerationConfig, ModelConfig, OptimizerConfig, ParallelConfig,
+from megatron.config.errors import ConfigError
+from megatron.config.neox_only import canonical_optimizer
+from megatron.config.schema import (DataConfig, GenerationConfig, LRConfig, ModelConfig, OptimizerConfig, ParallelConfig,
                                     TrainingConfig)
+from megatron.model.layer_types import expand_attention_config
 
 if TYPE_CHECKING:
     from megatron.config.config import Derived, NeoXConfig
 
-CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
-    ("model", "norm"): ("layernorm", "rmsnorm"),
-    ("model", "pos_emb"): ("rotary", "learned", "none"),
-    ("model", "activation"): ("gelu", "relu", "softsign", "swish", "mish", "silu", "swiglu", "geglu", "reglu",
-                              "bilinear", "glu"),
-    ("model", "init_method"): ("normal", "scaled_normal", "small_init", "wang_init"),
-    ("model", "output_layer_init_method"): ("normal", "scaled_normal", "small_init", "wang_init"),
-    ("model", "output_layer_parallelism"): ("column",),
-    ("lr", "lr_decay_style"): ("cosine", "linear", "constant"),
-    ("data", "tokenizer_type"): ("HFTokenizer", "GPT2BPETokenizer", "CharLevelTokenizer"),
-    ("data", "data_impl"): ("mmap", "stream"),
-    ("training", "distributed_backend"): ("nccl", "gloo", None),
-    ("launcher", "launcher"): ("pdsh", "openmpi", "mvapich", "slurm"),
-}
-OPTIMIZERS = ("Adam", "AdamW", "SGD")
-OPTIMIZER_PARAMS = ("lr", "betas", "eps", "momentum")
-
-
-def check_choices(groups: dict[str, Any]) -> None:
-    for (group, key), allowed in CHOICES.items():
-        value = getattr(groups[group], key)
-        if value not in allowed:
-            raise ConfigError(f"{key} is {value!r}; choose one of {', '.join(map(repr, allowed))}")
-    spec = groups["optimizer"].optimizer
-    if spec.type not in OPTIMIZERS:
-        raise ConfigError(f"optimizer.type is {spec.type!r}; choose one of {', '.join(OPTIMIZERS)}")
-    for key in spec.params:
-        if key not in OPTIMIZER_PARAMS:
-            raise ConfigError(f"unknown optimizer.params key {key!r}; valid: {', '.join(OPTIMIZER_PARAMS)}")
-    if spec.type != "SGD" and "momentum" in spec.params:
+def check_optimizer(groups: dict[str, Any]) -> dict[str, Any]:
+    """The groups with optimizer.type in this framework's spelling (GPT-NeoX accepts any case)."""
+    opt: OptimizerConfig = groups["optimizer"]
+    spec = opt.optimizer
+    kind = canonical_optimizer(spec.type)
+    if kind != "SGD" and spec.params.momentum:
         raise ConfigError("optimizer.params.momentum only applies to SGD")
+    return {**groups, "optimizer": dataclasses.replace(opt, optimizer=dataclasses.replace(spec, type=kind))}
 
 
 def _require(path: str | None, key: str) -> None:
@@ -94,6 +74,14 @@ def check_model(model: ModelConfig, parallel: ParallelConfig, derived: "Derived"
         raise ConfigError(f"hidden_size {h} is not divisible by num_attention_heads {heads}")
     if heads % tp:
         raise ConfigError(f"num_attention_heads {heads} is not divisible by model_parallel_size {tp}")
+    kv = model.num_kv_heads
+    if kv is not None and (heads % kv or kv % tp):
+        raise ConfigError(f"num_kv_heads {kv} must divide num_attention_heads {heads} and be divisible by "
+                          f"model_parallel_size {tp}")
+    try:
+        expand_attention_config(model.attention_config, model.num_layers)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     if derived.intermediate_size % tp:
         raise ConfigError(f"intermediate_size {derived.intermediate_size} is not divisible by model_parallel_size {tp}")
     if model.seq_length > derived.max_position_embeddings:
@@ -127,20 +115,23 @@ def check_precision(opt: OptimizerConfig, parallel: ParallelConfig, derived: "De
             f"{parallel.pipe_parallel_size}: DeepSpeed's pipeline engine supports ZeRO 0 and 1 only; "
             "set pipe_parallel_size: 0 (no pipeline) or stage: 1"
         )
-    if derived.precision in ("fp16", "bfloat16") and stage == 0:
-        raise ConfigError(
-            f"{derived.precision} with zero_optimization.stage 0 is broken in DeepSpeed 0.19 "
-            "(loss never scaled / spurious first step); use stage: 1, as GPT-NeoX does"
-        )
+    zero = opt.zero_optimization
+    if zero.cpu_offload and zero.offload_optimizer is not None:
+        raise ConfigError("zero_optimization sets both cpu_offload and offload_optimizer; keep one "
+                          "(cpu_offload: true is offload_optimizer: {device: cpu})")
 
 
-def check_training(training: TrainingConfig, parallel: ParallelConfig) -> None:
-    if training.partition_activations and parallel.model_parallel_size > 1 and not parallel.sequence_parallel:
+def check_training(training: TrainingConfig, parallel: ParallelConfig, lr: LRConfig) -> None:
+    tp = parallel.model_parallel_size
+    if training.partition_activations and tp > 1 and parallel.pipe_parallel_size == 0 and not parallel.sequence_parallel:
+        # DeepSpeed's partitioned checkpoint is wired into the pipeline engine's layers only.
         raise ConfigError(
-            f"partition_activations: true is done here by sequence_parallel: true, which keeps the "
-            f"checkpointed layer inputs split over the {parallel.model_parallel_size} tensor-parallel ranks; "
-            "set sequence_parallel: true (or partition_activations: false)"
-        )
+            f"partition_activations with model_parallel_size {tp} needs the pipeline engine "
+            "(pipe_parallel_size >= 1) or sequence_parallel: true; with pipe_parallel_size 0 it is not "
+            "implemented")
+    if lr.override_lr_scheduler and lr.use_checkpoint_lr_scheduler:
+        raise ConfigError("override_lr_scheduler and use_checkpoint_lr_scheduler are both true: the schedule "
+                          "comes either from this config or from the checkpoint; set one")
     if training.compile_loss and parallel.model_parallel_size > 1:
         raise ConfigError(
             f"compile_loss needs model_parallel_size 1, got {parallel.model_parallel_size}: the "
@@ -160,13 +151,8 @@ def check_launchable(cfg: "NeoXConfig") -> None:
         raise ConfigError(f"world size {d.world_size} is not divisible by {d.num_nodes} nodes")
 
 
-TEXT_GEN_TYPES = ("unconditional", "input-file", "interactive")
-
-
 def check_generation(gen: GenerationConfig) -> None:
     """Generation keys, checked with the rest so deepy.py refuses them before launching."""
-    if gen.text_gen_type is not None and gen.text_gen_type not in TEXT_GEN_TYPES:
-        raise ConfigError(f"text_gen_type is {gen.text_gen_type!r}; choose one of {', '.join(map(repr, TEXT_GEN_TYPES))}")
     if gen.temperature < 0 or gen.top_k < 0 or not 0 <= gen.top_p <= 1:
         raise ConfigError(f"temperature {gen.temperature} and top_k {gen.top_k} must be >= 0 and top_p "
                           f"{gen.top_p} in [0, 1]")

@@ -12,6 +12,8 @@ Weights left unset are proportional to each prefix's token count, so a corpus sh
 prefixes of any sizes is sampled as if it were one dataset (every token about once per epoch).
 GPT-NeoX instead defaults to equal weights, which would read a small shard as often as a large
 one. Given weights are relative (normalised to sum 1); a prefix with weight 0 is left out.
+GPT-NeoX's `weight_by_num_documents` replaces them by `weights_by_num_documents` of each split's
+document counts.
 
 Sample order is a function of the data and ``seed`` only: each GPTDataset's order does not
 depend on its sample count, nor does the blend's, so asking for more samples (a longer run)
@@ -42,6 +44,22 @@ def _check_weights(name: str, paths: Sequence[str], weights: Sequence[float] | N
         raise ValueError(f"{name}_data_weights must be non-negative with a positive sum, got {list(weights)}")
 
 
+def weights_by_num_documents(num_docs: Sequence[int], alpha: float) -> list[float]:
+    """GPT-NeoX's blend weights from document counts n_i (XLM-R's tempered sampling,
+    arXiv:1911.02116): with p_i = n_i / sum(n), q_i = p_i ** alpha / sum_j p_j ** alpha, the
+    weight is q_i * (1 - p_i), renormalised. alpha < 1 lifts the small datasets; the (1 - p_i)
+    factor lowers each dataset by its own share once more."""
+    counts = np.asarray(num_docs, dtype=np.float64)
+    if counts.ndim != 1 or len(counts) == 0 or np.any(counts < 0) or counts.sum() <= 0:
+        raise ValueError(f"weight_by_num_documents needs document counts with a positive sum, got {list(num_docs)}")
+    if len(counts) == 1:  # (1 - p) is 0 for a lone dataset: it simply takes everything
+        return [1.0]
+    p = counts / counts.sum()
+    q = p**alpha / np.sum(p**alpha)
+    w = q * (1.0 - p)
+    return [float(x) for x in w / w.sum()]
+
+
 def build_blended_dataset(
     name: str,
     paths: Sequence[str],
@@ -50,16 +68,20 @@ def build_blended_dataset(
     seq_length: int,
     seed: int,
     vocab_size: int | None = None,
+    weights_alpha: float | None = None,
 ) -> GPTDataset | BlendedDataset:
     """``num_samples`` samples drawn from all documents of ``paths``, blended by ``weights``
-    (None: by token count). Each component is sized to what the blend takes from it. Given the
-    tokenizer's ``vocab_size``, every token id of every dataset is checked against it."""
+    (None: by token count; ``weights_alpha`` set: by document count, ``weights_by_num_documents``).
+    Each component is sized to what the blend takes from it. Given the tokenizer's
+    ``vocab_size``, every token id of every dataset is checked against it."""
     _check_weights(name, paths, weights)
     indexed = [MMapIndexedDataset(p) for p in paths]
     if vocab_size is not None:
         for ds in indexed:
             check_token_ids(ds, vocab_size)
-    if weights is None:
+    if weights_alpha is not None:
+        weights = weights_by_num_documents([len(ds.sizes) for ds in indexed], weights_alpha)
+    elif weights is None:
         weights = [float(ds.sizes.sum(dtype=np.int64)) for ds in indexed]
         if sum(weights) <= 0:
             raise ValueError(f"{name}: the datasets {list(paths)} hold no tokens")
@@ -88,12 +110,14 @@ def build_datasets(
     seq_length: int,
     seed: int,
     vocab_size: int | None = None,
+    weights_alpha: float | None = None,
 ) -> tuple:
     """(train, valid, test) datasets; a split with no data or no requested samples is None.
 
     ``vocab_size`` (the tokenizer's) makes every dataset's token ids checked against it on open,
     so data made with another tokenizer fails here, naming the file, instead of in the first
-    step's embedding lookup."""
+    step's embedding lookup. ``weights_alpha`` (weight_by_num_documents' weighted_sampler_alpha)
+    weighs each split's prefixes by document count instead of ``*_weights``."""
     lists = (train_paths, valid_paths, test_paths)
     if data_path and any(lists):
         raise ValueError("set either data_path (with split) or train/valid/test_data_paths, not both")
@@ -108,7 +132,7 @@ def build_datasets(
         if not paths or n <= 0:
             out.append(None)
             continue
-        out.append(build_blended_dataset(name, list(paths), weights, n, seq_length, seed, vocab_size))
+        out.append(build_blended_dataset(name, list(paths), weights, n, seq_length, seed, vocab_size, weights_alpha))
     return out[0], out[1], out[2]
 
 

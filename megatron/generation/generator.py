@@ -78,7 +78,7 @@ def forward(model: GPTModel, tokens: torch.Tensor, step: DecodeStep, caches: lis
 
 
 def new_caches(model: GPTModel, batch: int, capacity: int, dtype: torch.dtype, device: torch.device) -> list[KVCache]:
-    return [KVCache(batch, m.attention.heads, m.attention.head_dim, capacity, dtype, device)
+    return [KVCache(batch, m.attention.kv_heads, m.attention.head_dim, capacity, dtype, device)
             for m in model.layers if isinstance(m, TransformerLayer)]
 
 

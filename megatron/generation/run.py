@@ -27,6 +27,7 @@ from megatron.generation.sampling import Sampling
 from megatron.model.gpt import GPTModel, layer_defs
 from megatron.parallel.device import local_device
 from megatron.parallel.groups import ParallelGroups
+from megatron.launcher.environment import node_layout, world_size
 from megatron.tokenizer import AbstractTokenizer
 from megatron.training.setup import DTYPES, config_tokenizer, init_distributed, shutdown_distributed
 
@@ -35,12 +36,13 @@ Record = dict[str, object]
 
 def generation_config(paths: list[str]) -> tuple[NeoXConfig, AbstractTokenizer]:
     """The config and tokenizer, without the training data files (generation reads none)."""
-    cfg = load_config(paths, require_files=False)
+    layout = dict(world_size=world_size(), num_nodes=node_layout(paths)[0])  # as the launcher started us
+    cfg = load_config(paths, require_files=False, **layout)
     tok = config_tokenizer(cfg)
     if cfg.generation.text_gen_type is None:
         raise ConfigError("set text_gen_type: 'unconditional', 'input-file' or 'interactive' "
                           "(e.g. add configs/text_generation.yml)")
-    return load_config(paths, require_files=False, vocab_size=tok.vocab_size), tok
+    return load_config(paths, require_files=False, vocab_size=tok.vocab_size, **layout), tok
 
 
 def read_prompts(path: str, prompt_end: str) -> list[str]:

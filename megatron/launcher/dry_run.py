@@ -25,11 +25,15 @@ def report(cfg: NeoXConfig) -> str:
         f"{d.data_parallel_size} = {d.train_batch_size} sequences "
         f"({d.train_batch_size * cfg.model.seq_length:,} tokens) per step, {d.train_iters:,} steps",
     ]
+    asked = cfg.optimizer.zero_optimization.stage
+    if d.zero_stage != asked:
+        lines.append(f"ZeRO stage {asked} with {d.precision} runs as stage {d.zero_stage}: the same updates; "
+                     "DeepSpeed 0.19's mixed precision is broken at stage 0")
     if d.padded_vocab_size is None:
         lines.append("parameters: unknown (set vocab_size or make the tokenizer file available)")
         return "\n".join(lines)
     sp: SizePlan = plan(cfg)
-    stage = cfg.optimizer.zero_optimization.stage
+    stage = d.zero_stage
     ckpt = "on" if cfg.training.checkpoint_activations else "off"
     lines += [
         f"vocabulary: {d.vocab_size:,} -> padded {d.padded_vocab_size:,}",

@@ -18,6 +18,10 @@ import os
 import re
 from collections.abc import Mapping
 
+from megatron.config.config import effective_launcher
+from megatron.config.loader import merge_files, split_into_groups
+from megatron.parallel.device import gpus_on_this_node
+
 # Prefixes forwarded to every rank by the multi-node launchers (srun exports everything anyway).
 FORWARDED_PREFIXES = ("NCCL_", "WANDB_", "PYTHON", "CUDA_", "OMP_", "MASTER_", "HF_", "TORCH_", "NEOX_",
                       "UCX_", "FI_", "MV2_")
@@ -127,3 +131,19 @@ def forwarded_names(environ: Mapping[str, str], extra: tuple[str, ...] = ()) -> 
     for pattern in extra:
         names += [k for k in fnmatch.filter(environ, pattern) if k not in names]
     return sorted(names)
+
+
+def node_layout(paths: list[str], environ: Mapping[str, str] = os.environ) -> tuple[int, int]:
+    """(nodes, processes per node) deepy.py starts for these config files: the one place that looks
+    at the machine, so load_config never does. Inside a Slurm allocation the allocation decides
+    (sbatch --nodes/--ntasks-per-node override the config); otherwise num_nodes, and per node
+    num_gpus, else one per GPU of this machine (GPT-NeoX's default), else (CPU only) TP x PP."""
+    values, origin, _ = merge_files(paths)
+    groups = split_into_groups(values, origin)
+    parallel, launcher = groups["parallel"], groups["launcher"]
+    per_node = (launcher.num_gpus or gpus_on_this_node()
+                or parallel.model_parallel_size * max(parallel.pipe_parallel_size, 1))
+    allocation = slurm_allocation(environ) if effective_launcher(launcher) == "slurm" else None
+    if allocation is not None:
+        return allocation[0], allocation[1] or per_node
+    return launcher.num_nodes, per_node

@@ -85,6 +85,8 @@ class MetricsLogger:
         tensorboard_dir: directory for TensorBoard event files; None disables TensorBoard.
         use_wandb: log to Weights & Biases (works offline with WANDB_MODE=offline).
         wandb_project, wandb_group: passed to wandb.init.
+        wandb_team, wandb_host, wandb_run_name: wandb.init's entity, server (base_url) and run
+            name; None leaves wandb's own choice (the logged-in user, its host, a generated name).
         run_config: the run's configuration, stored with the wandb run and as TensorBoard text.
         enabled: False on every rank except the one that reports; a disabled logger opens
             nothing and prints nothing, but still returns the formatted lines.
@@ -101,6 +103,9 @@ class MetricsLogger:
         run_config: dict,
         enabled: bool,
         train_iters: int | None = None,
+        wandb_team: str | None = None,
+        wandb_host: str | None = None,
+        wandb_run_name: str | None = None,
     ) -> None:
         self.enabled = enabled
         self.train_iters = train_iters
@@ -128,12 +133,12 @@ class MetricsLogger:
             self._writer = SummaryWriter(log_dir=tensorboard_dir)
             self._writer.add_text("config", "```\n" + json.dumps(run_config, indent=2, default=str) + "\n```")
         if use_wandb:
-            self._wandb_run = self._init_wandb(wandb_project, wandb_group, run_config, log_dir)
+            self._wandb_run = self._init_wandb(
+                run_config, log_dir, project=wandb_project, group=wandb_group, entity=wandb_team,
+                name=wandb_run_name, base_url=wandb_host)
 
     @staticmethod
-    def _init_wandb(
-        project: str | None, group: str | None, run_config: dict, log_dir: str | None
-    ) -> Any:
+    def _init_wandb(run_config: dict, log_dir: str | None, base_url: str | None, **names: str | None) -> Any:
         try:
             import wandb
         except ImportError as err:
@@ -142,7 +147,8 @@ class MetricsLogger:
                 "or turn use_wandb off"
             ) from err
         try:
-            return wandb.init(project=project, group=group, config=run_config, dir=log_dir)
+            settings = wandb.Settings(base_url=base_url) if base_url else None
+            return wandb.init(config=run_config, dir=log_dir, settings=settings, **names)
         except Exception as err:  # wandb raises many types (auth, network, usage)
             raise RuntimeError(
                 f"wandb.init failed ({type(err).__name__}: {err}). Log in with `wandb login`, "
@@ -160,14 +166,15 @@ class MetricsLogger:
         self._emit("train", iteration, values, line)
         return line
 
-    def log_eval(self, iteration: int, metrics: dict[str, Any]) -> str:
-        """Record validation metrics; adds lm_loss_ppl = exp(lm_loss) when it is missing."""
+    def log_eval(self, iteration: int, metrics: dict[str, Any], split: str = "validation") -> str:
+        """Record metrics of an evaluation on `split` ("validation": records of type "eval";
+        "test": type "test"); adds lm_loss_ppl = exp(lm_loss) when it is missing."""
         values = {key: _to_number(value) for key, value in metrics.items()}
         if "lm_loss" in values and "lm_loss_ppl" not in values:
             loss = values["lm_loss"]
             values["lm_loss_ppl"] = math.exp(min(loss, _MAX_LOSS_FOR_PPL)) if math.isfinite(loss) else loss
-        line = f" validation loss at iteration {iteration:8d} |" + _format_fields(values, _EVAL_FIELDS)
-        self._emit("eval", iteration, values, line)
+        line = f" {split} loss at iteration {iteration:8d} |" + _format_fields(values, _EVAL_FIELDS)
+        self._emit("eval" if split == "validation" else split, iteration, values, line)
         return line
 
     def _emit(self, kind: str, iteration: int, values: dict[str, int | float], line: str) -> None:

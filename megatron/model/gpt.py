@@ -30,11 +30,12 @@ from torch.nn.utils import skip_init
 from torch.utils.checkpoint import checkpoint
 
 from megatron.config.schema import ModelConfig
-from megatron.model.init import init_std, layer_generator, normal_
+from megatron.model.init import init_std, layer_generator
+from megatron.model.layer_types import expand_attention_config
 from megatron.model.transformer import Device, TransformerLayer, make_norm
 from megatron.parallel.comm import enter_tp, scatter_to_sequence
 from megatron.parallel.groups import SINGLE, TensorParallel
-from megatron.parallel.layers import ColumnParallelLinear, VocabParallelEmbedding
+from megatron.parallel.layers import ColumnParallelLinear, VocabParallelEmbedding, normal_
 from megatron.parallel.random import checkpoint_context, tp_rng
 
 
@@ -151,11 +152,14 @@ def layer_defs(
 ) -> list[LayerDef]:
     """The architecture as an ordered list; every weighted layer gets its own seeded generator.
 
+    ffn: the MLP's activation output width (derived.intermediate_size; a gated MLP's
+    dense_h_to_4h has twice as many rows).
     vocab_size: the tokenizer's real vocabulary (<= padded_vocab). Logits of ids >= vocab_size
     are -inf and those rows start at zero; None treats all padded_vocab rows as real."""
     if vocab_size is not None and not 1 <= vocab_size <= padded_vocab:
         raise ValueError(f"vocab_size {vocab_size} must be in [1, padded_vocab {padded_vocab}]")
     L = model.num_layers
+    expand_attention_config(model.attention_config, L)  # refuses attention types this layer does not run
     tie = not model.no_weight_tying
     defs = [LayerDef(
         "embedding", Embedding,

@@ -32,12 +32,3 @@ def layer_generator(seed: int, layer_index: int) -> torch.Generator:
     gen = torch.Generator(device="cpu")
     gen.manual_seed(seed * 1_000_003 + layer_index)
     return gen
-
-
-@torch.no_grad()
-def normal_(tensor: torch.Tensor, std: float, gen: torch.Generator) -> None:
-    """Fill in place; drawn on the CPU in fp32 so results match across devices and dtypes."""
-    if tensor.device.type == "meta":
-        return
-    values = torch.empty(tensor.shape, dtype=torch.float32).normal_(0.0, std, generator=gen)
-    tensor.copy_(values)

@@ -1,7 +1,9 @@
 """The language-model loss, eager or compiled.
 
-`lm_loss` is the definition: mean next-token cross-entropy computed in fp32. `loss_function`
-returns what the engines call, optionally the same function through `torch.compile`.
+`lm_loss` is the definition: mean next-token cross-entropy computed in fp32. `masked_lm_loss`
+is its eod_mask_loss form: labels below 0 (megatron/data/loader.py's IGNORE) are left out and the
+mean is over the rest, per micro-batch as in GPT-NeoX. `loss_function` returns what the engines
+call, chosen once, optionally through `torch.compile`.
 
 Why compile it: with a 50k vocabulary the logits of a micro-batch are the largest tensor of the
 step ([b*s, V]). Eagerly, the fp32 upcast, log-softmax and their gradients each write and read
@@ -31,6 +33,15 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor, tp: TensorParallel = SIN
     return vocab_parallel_cross_entropy(logits, labels, tp).mean()
 
 
+def masked_lm_loss(logits: torch.Tensor, labels: torch.Tensor, tp: TensorParallel = SINGLE) -> torch.Tensor:
+    """Mean cross-entropy over the positions whose label is >= 0."""
+    keep = labels >= 0
+    # Any valid id stands in for a masked label; its loss is multiplied by 0 (value and gradient).
+    losses = vocab_parallel_cross_entropy(logits, labels.clamp(min=0), tp)
+    # A micro-batch of masked positions only gives 0, not 0/0 = NaN.
+    return (losses * keep).sum() / keep.sum().clamp(min=1)
+
+
 class CompiledLoss:
     """`lm_loss` through torch.compile, or eager when compilation does not work here.
 
@@ -40,8 +51,9 @@ class CompiledLoss:
     prints why once and stays eager. Both paths compute the same fp32 math.
     """
 
-    def __init__(self) -> None:
-        self.compiled: LossFn | None = torch.compile(lm_loss, dynamic=False)
+    def __init__(self, fn: LossFn = lm_loss) -> None:
+        self.eager = fn
+        self.compiled: LossFn | None = torch.compile(fn, dynamic=False)
         self.tried: set[bool] = set()  # training (with grad) and eval compile separate graphs
 
     def _trial(self, logits: torch.Tensor, labels: torch.Tensor, with_grad: bool) -> None:
@@ -60,13 +72,15 @@ class CompiledLoss:
         with_grad = torch.is_grad_enabled() and logits.requires_grad
         if self.compiled is not None and with_grad not in self.tried:
             self._trial(logits, labels, with_grad)
-        return (self.compiled or lm_loss)(logits, labels)
+        return (self.compiled or self.eager)(logits, labels)
 
 
-def loss_function(tp: TensorParallel = SINGLE, compile: bool = False) -> LossFn:
-    """The loss the engines call: `lm_loss` bound to `tp`, compiled when asked (TP = 1 only)."""
+def loss_function(tp: TensorParallel = SINGLE, compile: bool = False, masked: bool = False) -> LossFn:
+    """The loss the engines call: `lm_loss` (`masked_lm_loss` for eod_mask_loss) bound to `tp`,
+    compiled when asked (TP = 1 only)."""
+    fn = masked_lm_loss if masked else lm_loss
     if compile:
         if tp.size != 1:
             raise ValueError("compile_loss applies at model_parallel_size 1 only")
-        return CompiledLoss()
-    return partial(lm_loss, tp=tp)
+        return CompiledLoss(fn)
+    return partial(fn, tp=tp)

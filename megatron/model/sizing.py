@@ -25,9 +25,6 @@ from torch import nn
 from megatron.config.config import NeoXConfig
 from megatron.model.gpt import GPTModel, layer_defs
 
-# Parameters that tensor parallelism replicates instead of splitting: norms and the biases of
-# row-parallel layers (added after the reduce).
-_REPLICATED = ("norm", "attention.dense.bias", "dense_4h_to_h.bias")
 
 
 def meta_model(cfg: NeoXConfig) -> GPTModel:
@@ -39,12 +36,12 @@ def meta_model(cfg: NeoXConfig) -> GPTModel:
     return GPTModel(defs)
 
 
-def _tp_share(name: str, numel: int, tp: int) -> int:
-    return numel if any(r in name for r in _REPLICATED) else numel // tp
-
-
 def _module_params(module: nn.Module, tp: int) -> int:
-    return sum(_tp_share(n, p.numel(), tp) for n, p in module.named_parameters())
+    """Parameters one tensor-parallel rank holds. The layers mark what tensor parallelism splits
+    (`tp_sharded`, set even at size 1); the rest (norms, row-parallel biases, learned position
+    embeddings) is replicated. Whatever is absent (biases, a bias-free norm's offset) counts 0,
+    and grouped-query attention's smaller query_key_value splits like any column-parallel weight."""
+    return sum(p.numel() // tp if getattr(p, "tp_sharded", False) else p.numel() for p in module.parameters())
 
 
 @dataclass(frozen=True)
@@ -96,7 +93,7 @@ def plan(cfg: NeoXConfig) -> SizePlan:
     half = d.precision in ("fp16", "bfloat16")
     wbytes = 2 if half else 4
     opt_bytes = 12 if half else 8
-    stage = cfg.optimizer.zero_optimization.stage
+    stage = cfg.derived.zero_stage
     weights = params * wbytes // (dp if stage >= 3 else 1)
     grads = params * wbytes // (dp if stage >= 2 else 1)
     optim = params * opt_bytes // (dp if stage >= 1 else 1)

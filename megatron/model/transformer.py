@@ -1,5 +1,7 @@
-"""One GPT-NeoX transformer layer: attention with fused per-head QKV and partial rotary, an MLP,
-and either the parallel residual (GPT-J / NeoX-20B) or the sequential one.
+"""One GPT-NeoX transformer layer: attention with fused QKV (multi-head or grouped-query) and
+partial or full rotary, an MLP (plain or gated), and either the parallel residual (GPT-J /
+NeoX-20B) or the sequential one. Llama is this same layer with other parts: RMSNorm, SwiGLU, no
+biases, grouped-query attention (Llama-2-70B), full rotary, sequential residual.
 
 Shapes: activations are batch-first, [batch, seq, hidden] ([batch, seq / tp, hidden] between
 layers with sequence parallelism). Parameter names match GPT-NeoX's checkpoint files
@@ -25,6 +27,7 @@ from torch import nn
 
 from megatron.config.schema import ModelConfig
 from megatron.model.init import init_std
+from megatron.model.layer_types import activation
 from megatron.model.rotary import RotaryEmbedding, apply_rotary
 from megatron.parallel.comm import leave_tp
 from megatron.parallel.groups import SINGLE, TensorParallel
@@ -35,9 +38,11 @@ Device = torch.device | str
 
 
 def make_norm(model: ModelConfig, device: Device, tp: TensorParallel = SINGLE) -> nn.Module:
+    """LayerNorm (weight, bias) or RMSNorm (GPT-NeoX's scale, offset); the bias/offset only with
+    use_bias_in_norms, as in GPT-NeoX."""
     if model.norm == "rmsnorm":
-        return RMSNorm(model.hidden_size, model.rms_norm_epsilon, device, tp)
-    return LayerNorm(model.hidden_size, model.layernorm_epsilon, device, tp)
+        return RMSNorm(model.hidden_size, model.rms_norm_epsilon, device, tp, bias=model.use_bias_in_norms)
+    return LayerNorm(model.hidden_size, model.layernorm_epsilon, device, tp, bias=model.use_bias_in_norms)
 
 
 @dataclass(frozen=True)
@@ -52,8 +57,8 @@ class DecodeStep:
 
 
 class KVCache:
-    """Keys and values of one attention layer while generating: [b, heads on this rank, capacity,
-    head_dim], preallocated so that a decoding step writes one column instead of copying all."""
+    """Keys and values of one attention layer while generating: [b, key/value heads on this rank,
+    capacity, head_dim], preallocated so that a decoding step writes one column instead of copying all."""
 
     def __init__(self, batch: int, heads: int, head_dim: int, capacity: int, dtype: torch.dtype,
                  device: Device) -> None:
@@ -82,31 +87,56 @@ def rotary_at(rotary: RotaryEmbedding, positions: torch.Tensor, dtype: torch.dty
 
 class Attention(nn.Module):
     """Heads are split over tensor-parallel ranks: query_key_value is column-parallel (whole heads
-    per rank), dense is row-parallel."""
+    per rank), dense is row-parallel.
+
+    query_key_value's rows, GPT-NeoX's two layouts:
+    - multi-head (num_kv_heads unset or = heads): grouped per head, [q_h; k_h; v_h], so a rank's
+      contiguous slice is whole heads;
+    - grouped-query (num_kv_heads < heads): [all q; all k; all v] in one process; each rank holds
+      its slice of each block ([q_r; k_r; v_r], see megatron.parallel.layers.shard): heads/tp
+      query heads and num_kv_heads/tp key/value heads. Query head i uses key/value head
+      i // (heads / num_kv_heads), as in GPT-NeoX and Llama."""
 
     def __init__(self, model: ModelConfig, gen: torch.Generator, device: Device, tp: TensorParallel = SINGLE) -> None:
         super().__init__()
-        h = model.hidden_size
-        self.heads = model.num_attention_heads // tp.size  # on this rank
-        self.head_dim = h // model.num_attention_heads
+        h, heads = model.hidden_size, model.num_attention_heads
+        kv_heads = model.num_kv_heads or heads
+        if heads % kv_heads or kv_heads % tp.size:
+            raise ValueError(f"num_kv_heads {kv_heads} must divide num_attention_heads {heads} and be divisible "
+                             f"by model_parallel_size {tp.size}")
+        self.heads, self.kv_heads = heads // tp.size, kv_heads // tp.size  # on this rank
+        self.head_dim = h // heads
+        self.grouped = kv_heads != heads
+        kv = kv_heads * self.head_dim
         self.dropout = model.attention_dropout
-        self.query_key_value = ColumnParallelLinear(h, 3 * h, init_std(model.init_method, model), gen, device, tp=tp)
-        self.dense = RowParallelLinear(h, h, init_std(model.output_layer_init_method, model), gen, device, tp=tp)
+        bias = model.use_bias_in_attn_linear
+        self.query_key_value = ColumnParallelLinear(h, h + 2 * kv, init_std(model.init_method, model), gen, device,
+                                                    bias=bias, tp=tp, blocks=(h, kv, kv) if self.grouped else None)
+        self.dense = RowParallelLinear(h, h, init_std(model.output_layer_init_method, model), gen, device, bias=bias,
+                                       tp=tp)
         self.rotary_emb = None
         if model.pos_emb == "rotary":
             rot_dims = int(self.head_dim * model.rotary_pct)
             self.rotary_emb = RotaryEmbedding(rot_dims, model.rotary_emb_base, device=device)
 
+    def _split_heads(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q [b, heads, s, hd] and k, v [b, kv_heads, s, hd] from this rank's fused projection."""
+        b, s = qkv.shape[:2]
+        if not self.grouped:
+            qkv = qkv.view(b, s, self.heads, 3 * self.head_dim)
+            return qkv.transpose(1, 2).split(self.head_dim, dim=-1)
+        hd = self.head_dim
+        q, k, v = qkv.split([self.heads * hd, self.kv_heads * hd, self.kv_heads * hd], dim=-1)
+        return (q.view(b, s, -1, hd).transpose(1, 2), k.view(b, s, -1, hd).transpose(1, 2),
+                v.view(b, s, -1, hd).transpose(1, 2))
+
     def forward(self, x: torch.Tensor, reduce: bool = True, step: DecodeStep | None = None,
                 cache: KVCache | None = None) -> torch.Tensor:
         """reduce=False returns this rank's partial output without bias (see TransformerLayer).
         step (generation): positions and mask of x's tokens; cache: keys/values of earlier ones."""
-        # Rows of query_key_value are grouped per head as [q_h; k_h; v_h] (GPT-NeoX layout), so
-        # splitting the last dim of the per-head view gives q, k, v; TP splits keep whole heads.
-        qkv = self.query_key_value(x)  # [b, s, 3 * h / tp], the full sequence even with SP
+        qkv = self.query_key_value(x)  # [b, s, (heads + 2 kv_heads) * hd / tp], the full sequence even with SP
         b, s = qkv.shape[:2]
-        qkv = qkv.view(b, s, self.heads, 3 * self.head_dim)
-        q, k, v = qkv.transpose(1, 2).split(self.head_dim, dim=-1)  # each [b, heads, s, hd]
+        q, k, v = self._split_heads(qkv)
         if step is not None:
             out = self._attend_decoding(q, k, v, step, cache)
         else:
@@ -116,7 +146,7 @@ class Attention(nn.Module):
             with tp_rng():  # heads differ per rank, so must their dropout masks
                 out = F.scaled_dot_product_attention(
                     q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0,
-                    scale=1.0 / math.sqrt(self.head_dim),
+                    scale=1.0 / math.sqrt(self.head_dim), enable_gqa=self.grouped,
                 )
         out = out.transpose(1, 2).reshape(b, s, -1)
         return self.dense(out) if reduce else self.dense.partial(out)
@@ -129,22 +159,34 @@ class Attention(nn.Module):
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             k, v = cache.extend(k, v)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=step.mask, scale=1.0 / math.sqrt(self.head_dim))
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=step.mask, scale=1.0 / math.sqrt(self.head_dim),
+                                              enable_gqa=self.grouped)
 
 
 class MLP(nn.Module):
+    """dense_h_to_4h -> activation -> dense_4h_to_h; `ffn` is the activation's output width.
+
+    Gated activations (swiglu, geglu, ...): dense_h_to_4h outputs 2 x ffn, per tensor-parallel
+    rank [value_r; gate_r] (GPT-NeoX's linear1 chunked in two), and the activation is
+    f(gate) * value. In one process that is [all values; all gates]."""
+
     def __init__(self, model: ModelConfig, ffn: int, gen: torch.Generator, device: Device, tp: TensorParallel = SINGLE) -> None:
         super().__init__()
-        h = model.hidden_size
-        self.dense_h_to_4h = ColumnParallelLinear(h, ffn, init_std(model.init_method, model), gen, device, tp=tp)
-        self.dense_4h_to_h = RowParallelLinear(ffn, h, init_std(model.output_layer_init_method, model), gen, device, tp=tp)
-        if model.activation == "relu":
-            self.act = nn.ReLU()
-        else:  # GPT-NeoX's fused bias-GELU kernel is the tanh approximation
-            self.act = nn.GELU(approximate="tanh" if model.bias_gelu_fusion else "none")
+        h, bias = model.hidden_size, model.use_bias_in_mlp
+        self.act, self.gated = activation(model.activation, model.bias_gelu_fusion)
+        n_out, blocks = (2 * ffn, (ffn, ffn)) if self.gated else (ffn, None)
+        self.dense_h_to_4h = ColumnParallelLinear(h, n_out, init_std(model.init_method, model), gen, device, bias=bias,
+                                                  tp=tp, blocks=blocks)
+        self.dense_4h_to_h = RowParallelLinear(ffn, h, init_std(model.output_layer_init_method, model), gen, device,
+                                               bias=bias, tp=tp)
 
     def forward(self, x: torch.Tensor, reduce: bool = True) -> torch.Tensor:
-        y = self.act(self.dense_h_to_4h(x))
+        y = self.dense_h_to_4h(x)
+        if self.gated:
+            value, gate = y.chunk(2, dim=-1)
+            y = self.act(gate) * value
+        else:
+            y = self.act(y)
         return self.dense_4h_to_h(y) if reduce else self.dense_4h_to_h.partial(y)
 
 

@@ -1,9 +1,17 @@
 """Tensor-parallel building blocks. With one rank each is exactly its dense twin.
 
+These are Megatron-style layers: the model builds them with its tensor-parallel group, so
+tensor parallelism lives inside the model (megatron/model), not wrapped around it.
+
 Initialisation draws the FULL weight from the layer's generator on every rank and keeps this
 rank's slice, so any tensor-parallel layout starts from the same model as one process. Vocabulary
 matrices draw only their real rows (`init_rows`): padding rows, whose number depends on the
 tensor-parallel size, start at zero and change no draw.
+
+A fused column-parallel weight made of several blocks (GPT-NeoX's grouped-query
+`query_key_value` = [queries; keys; values], a gated MLP's `dense_h_to_4h` = [values; gates]) is
+split block by block: each rank holds its slice of every block, in block order (`shard`). The
+whole (one-process) tensor is the blocks one after another; `unshard` is the inverse.
 
 Sharded parameters carry `model_parallel = True` (DeepSpeed counts them once per rank in the
 gradient norm); replicated ones carry it only on tensor rank 0, so they are counted once per
@@ -16,13 +24,45 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from megatron.model.init import normal_
 from megatron.parallel.comm import enter_tp, gather_last_dim, leave_tp, reduce_from_tp, sequence_shared
 from megatron.parallel.groups import SINGLE, TensorParallel
 
 
+@torch.no_grad()
+def normal_(tensor: torch.Tensor, std: float, gen: torch.Generator) -> None:
+    """Fill in place; drawn on the CPU in fp32 so results match across devices and dtypes."""
+    if tensor.device.type == "meta":
+        return
+    values = torch.empty(tensor.shape, dtype=torch.float32).normal_(0.0, std, generator=gen)
+    tensor.copy_(values)
+
+
+Blocks = tuple[int, ...] | None  # sizes, along the split dim, of a fused tensor's blocks; None: one block
+
+
+def shard(full: torch.Tensor, dim: int, size: int, blocks: Blocks = None) -> list[torch.Tensor]:
+    """The `size` tensor-parallel shards of a whole tensor along `dim`: each block is cut into
+    `size` equal slices and rank r holds its slice of every block, concatenated."""
+    parts = full.split(list(blocks), dim=dim) if blocks else [full]
+    if any(p.shape[dim] % size for p in parts):
+        by_block = f" block by block {list(blocks)}" if blocks else ""
+        raise ValueError(f"dimension {dim} of shape {list(full.shape)} does not split into {size} ranks{by_block}")
+    sliced = [p.chunk(size, dim=dim) for p in parts]
+    return [torch.cat([s[rank] for s in sliced], dim=dim).contiguous() for rank in range(size)]
+
+
+def unshard(shards: list[torch.Tensor], dim: int, blocks: Blocks = None) -> torch.Tensor:
+    """The whole tensor from its shards (rank order); the inverse of `shard`."""
+    if not blocks:
+        return torch.cat(shards, dim=dim)
+    per_rank = [b // len(shards) for b in blocks]
+    pieces = [s.split(per_rank, dim=dim) for s in shards]
+    return torch.cat([pieces[r][i] for i in range(len(blocks)) for r in range(len(shards))], dim=dim)
+
+
 def _sharded(full_shape: tuple[int, ...], dim: int, tp: TensorParallel, std: float | None,
-             gen: torch.Generator | None, device: torch.device | str, init_rows: int | None = None) -> nn.Parameter:
+             gen: torch.Generator | None, device: torch.device | str, init_rows: int | None = None,
+             blocks: Blocks = None) -> nn.Parameter:
     """This rank's slice of a weight drawn whole. With `init_rows`, only the first `init_rows`
     entries along `dim` (a vocabulary's real rows) are drawn and the padding starts at zero, so
     the real rows, and whatever the generator draws next, do not depend on the padding."""
@@ -36,7 +76,7 @@ def _sharded(full_shape: tuple[int, ...], dim: int, tp: TensorParallel, std: flo
         else:
             full = torch.zeros(full_shape)
             normal_(full.narrow(dim, 0, init_rows), std, gen)
-        param.data.copy_(full.chunk(tp.size, dim=dim)[tp.rank])
+        param.data.copy_(shard(full, dim, tp.size, blocks)[tp.rank])
     param.tp_sharded = True
     return param
 
@@ -52,14 +92,15 @@ def _replicated(n: int, device: torch.device | str, value: float) -> nn.Paramete
 class ColumnParallelLinear(nn.Module):
     """y = x W^T + b with W's rows (outputs) split over ranks; output stays split.
 
-    `init_rows`: draw only the first rows of W (the rest start at zero), see `_sharded`."""
+    `init_rows`: draw only the first rows of W (the rest start at zero), see `_sharded`.
+    `blocks`: the output is fused from blocks of these sizes, each split over ranks (see `shard`)."""
 
     def __init__(self, n_in: int, n_out: int, std: float, gen: torch.Generator, device: torch.device | str = "cpu",
                  bias: bool = True, tp: TensorParallel = SINGLE, gather_output: bool = False,
-                 init_rows: int | None = None) -> None:
+                 init_rows: int | None = None, blocks: Blocks = None) -> None:
         super().__init__()
         self.tp, self.gather_output = tp, gather_output
-        self.weight = _sharded((n_out, n_in), 0, tp, std, gen, device, init_rows)
+        self.weight = _sharded((n_out, n_in), 0, tp, std, gen, device, init_rows, blocks)
         self.bias = None
         if bias:
             self.bias = _sharded((n_out,), 0, tp, None, None, device)
@@ -120,24 +161,36 @@ class VocabParallelEmbedding(nn.Module):
 
 
 class LayerNorm(nn.LayerNorm):
-    """nn.LayerNorm whose replicated parameters get summed gradients under sequence parallelism."""
+    """nn.LayerNorm (`weight`, and `bias` unless bias=False) whose replicated parameters get
+    summed gradients under sequence parallelism."""
 
-    def __init__(self, dim: int, eps: float, device: torch.device | str, tp: TensorParallel = SINGLE) -> None:
-        super().__init__(dim, eps=eps, device=device)
+    def __init__(self, dim: int, eps: float, device: torch.device | str, tp: TensorParallel = SINGLE,
+                 bias: bool = True) -> None:
+        super().__init__(dim, eps=eps, device=device, bias=bias)
         self.tp = tp
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.layer_norm(x, self.normalized_shape, sequence_shared(self.weight, self.tp),
-                            sequence_shared(self.bias, self.tp), self.eps)
+        bias = None if self.bias is None else sequence_shared(self.bias, self.tp)
+        return F.layer_norm(x, self.normalized_shape, sequence_shared(self.weight, self.tp), bias, self.eps)
 
 
 class RMSNorm(nn.RMSNorm):
-    def __init__(self, dim: int, eps: float, device: torch.device | str, tp: TensorParallel = SINGLE) -> None:
-        super().__init__(dim, eps=eps, device=device)
+    """scale * x / sqrt(mean(x^2) + eps) (+ offset when bias=True), with GPT-NeoX's parameter
+    names `scale` and `offset`, so a layer's state dict reads as GPT-NeoX's files.
+
+    It stays an nn.RMSNorm (without torch's own affine `weight`) because the optimizer leaves
+    norms out of weight decay by their class."""
+
+    def __init__(self, dim: int, eps: float, device: torch.device | str, tp: TensorParallel = SINGLE,
+                 bias: bool = False) -> None:
+        super().__init__(dim, eps=eps, elementwise_affine=False, device=device)
         self.tp = tp
+        self.scale = _replicated(dim, device, 1.0)
+        self.offset = _replicated(dim, device, 0.0) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x, self.normalized_shape, sequence_shared(self.weight, self.tp), self.eps)
+        y = F.rms_norm(x, self.normalized_shape, sequence_shared(self.scale, self.tp), self.eps)
+        return y if self.offset is None else y + sequence_shared(self.offset, self.tp)
 
 
 class _VocabParallelCE(torch.autograd.Function):

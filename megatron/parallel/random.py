@@ -8,12 +8,14 @@ inside `tp_rng()`, a second stream seeded with seed + 2718 + tensor rank (Megatr
 
 Activation checkpointing recomputes the forward; `checkpoint_context` makes the recomputation
 see the tensor-parallel stream as it was, so recomputed masks equal the original ones.
+`partitioned_checkpoint` is the same for DeepSpeed's checkpoint with `partition_activations`
+(GPT-NeoX's way to cut checkpoint memory under tensor parallelism without sequence parallelism).
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -79,3 +81,39 @@ def checkpoint_context() -> tuple[contextlib.AbstractContextManager, contextlib.
             set_states(now)
 
     return contextlib.nullcontext(), recompute()
+
+
+def _replaying_tp_stream(function: Callable) -> Callable:
+    """`function` whose second call (the recompute in backward) sees the tensor-parallel stream
+    as the first call did. DeepSpeed restores torch's and its own RNG states, not ours."""
+    at_forward: dict[str, torch.Tensor] | None = None
+
+    def run(*args: Any) -> Any:
+        nonlocal at_forward
+        if at_forward is None:
+            at_forward = get_states()
+            return function(*args)
+        now = get_states()
+        set_states(at_forward)
+        try:
+            return function(*args)
+        finally:
+            set_states(now)
+
+    return run
+
+
+def partitioned_checkpoint(mpu: Any) -> Callable:
+    """An `activation_checkpoint_func` for DeepSpeed's PipelineModule that keeps each checkpointed
+    layer input split over the tensor-parallel ranks of `mpu` (1/tp of it per rank) and
+    all-gathers it for the recompute: DeepSpeed's non-reentrant checkpoint with
+    partition_activations. DeepSpeed takes the group from `mpu.get_tensor_model_parallel_*`, so
+    pipeline stages (which hold different activations) never gather each other's."""
+    from deepspeed.runtime.activation_checkpointing import checkpointing as ds_checkpointing
+
+    ds_checkpointing.configure(mpu, partition_activations=True)
+
+    def checkpoint(function: Callable, *args: Any) -> Any:
+        return ds_checkpointing.non_reentrant_checkpoint(_replaying_tp_stream(function), *args)
+
+    return checkpoint

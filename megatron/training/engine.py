@@ -108,16 +108,17 @@ def build_engine(cfg: NeoXConfig, groups: ParallelGroups) -> tuple[Stepper, Anne
     defs = layer_defs(cfg.model, d.padded_vocab_size, d.intermediate_size, d.max_position_embeddings,
                       cfg.training.seed, device=local_device(), tp=groups.tensor, vocab_size=d.vocab_size)
     pipelined = d.pipelined
-    loss_fn = loss_function(groups.tensor, cfg.training.compile_loss)
+    loss_fn = loss_function(groups.tensor, cfg.training.compile_loss, masked=cfg.training.eod_mask_loss)
     if pipelined:
-        module = to_pipeline_module(defs, cfg.parallel, cfg.training, d.pipe_stages, d.data_parallel_size, loss_fn)
+        module = to_pipeline_module(defs, cfg.parallel, cfg.training, d.pipe_stages, d.data_parallel_size, loss_fn,
+                                    mpu=groups)
     else:
         ckpt = cfg.training.checkpoint_num_layers if cfg.training.checkpoint_activations else 0
         module = GPTModel(defs, checkpoint_num_layers=ckpt)
     ck = cfg.checkpoint
     reader = open_checkpoint(ck.load, ck.save, ck.allow_unsafe_checkpoint_load) if ck.load else None
     plan = plan_load(reader, ck.finetune, not ck.no_load_optim, cfg.parallel.model_parallel_size,
-                     cfg.parallel.pipe_parallel_size, d.data_parallel_size, cfg.optimizer.zero_optimization.stage)
+                     cfg.parallel.pipe_parallel_size, d.data_parallel_size, d.zero_stage)
     if plan is not None and plan.way == "resharded":
         load_weights(module, plan.reader, cfg.model, groups.tensor)  # before DeepSpeed copies them
     mark_for_grad_norm(module, groups.tensor)
@@ -125,7 +126,7 @@ def build_engine(cfg: NeoXConfig, groups: ParallelGroups) -> tuple[Stepper, Anne
     if framework_clips(cfg):
         clip_in_optimizer(optimizer, cfg.optimizer.gradient_clipping, groups.get_model_parallel_group())
     scheduler = AnnealingLR(optimizer, d.lr, cfg.lr.min_lr, d.warmup_iters, d.lr_decay_iters,
-                            cfg.lr.lr_decay_style)
+                            cfg.lr.lr_decay_style, use_checkpoint_schedule=cfg.lr.use_checkpoint_lr_scheduler)
     from_universal = plan is not None and plan.way == "universal"
     engine, _, _, _ = deepspeed.initialize(
         model=module, optimizer=optimizer, lr_scheduler=scheduler,

@@ -24,15 +24,22 @@ def flops_per_token(
     seq_length: int,
     padded_vocab_size: int,
     ffn_hidden_size: int | None = None,
+    gated: bool = False,
+    kv_hidden_size: int | None = None,
 ) -> int:
     """Model FLOPs (forward + backward, no recomputation) to train on ONE token.
 
     A matmul of [m, k] x [k, n] costs 2*m*k*n FLOPs. Per token, with L = num_layers,
-    h = hidden_size, s = seq_length, V = padded_vocab_size, f = ffn_hidden_size (default 4h):
+    h = hidden_size, s = seq_length, V = padded_vocab_size, f = ffn_hidden_size (default 4h,
+    the activation's output width):
 
         per layer:  QKV 2*h*3h + attention dense 2*h*h + MLP 2*h*f*2
                     + scores QK^T 2*s*h + scores x V 2*s*h
                   = 8h^2 + 4hf + 4sh
+
+    A gated MLP (swiglu...) projects to 2f, so its MLP costs 2*h*f*3; grouped-query attention
+    (kv_hidden_size = num_kv_heads x head dim, default h) projects keys and values to that width,
+    so QKV costs 2*h*(h + 2*kv_hidden_size). The score matmuls are per query head: unchanged.
         output layer: 2*h*V        (the input embedding is a lookup: 0 FLOPs)
 
         forward  = L*(8h^2 + 4hf + 4sh) + 2hV
@@ -56,10 +63,11 @@ def flops_per_token(
     f = 4 * h if ffn_hidden_size is None else ffn_hidden_size
     if f <= 0:
         raise ValueError(f"ffn_hidden_size must be positive, got {ffn_hidden_size}")
+    kv = h if kv_hidden_size is None else kv_hidden_size
     s = seq_length
-    qkv = 2 * h * 3 * h
+    qkv = 2 * h * (h + 2 * kv)
     attention_dense = 2 * h * h
-    mlp = 2 * h * f * 2
+    mlp = 2 * h * f * (3 if gated else 2)
     attention_scores = 2 * s * h + 2 * s * h
     per_layer = qkv + attention_dense + mlp + attention_scores
     output_layer = 2 * h * padded_vocab_size

@@ -10,14 +10,13 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
-
-from megatron.checkpointing.checkpoint import load_checkpoint, save_checkpoint
-from megatron.checkpointing.reader import describe
 from megatron.config import NeoXConfig
 from megatron.data.loader import eval_batches, micro_batches
 from megatron.training.flops import utilisation
 from megatron.training.preemption import Preemption
+from megatron.training.resume import resume, save as checkpoint
 from megatron.training.setup import RunState, build_run, lost_another_rank, shutdown_distributed
 
 
@@ -37,14 +36,15 @@ class IntervalStats:
         self.start = time.perf_counter()
 
 
-def evaluate(run: RunState, iteration: int) -> float | None:
+def evaluate(run: RunState, iteration: int, dataset: Any, split: str) -> float | None:
+    """Mean loss over eval_iters batches of `dataset` (the validation or test split), logged as `split`."""
     cfg, d = run.cfg, run.cfg.derived
-    if run.valid is None or cfg.training.eval_iters <= 0:
+    if dataset is None or cfg.training.eval_iters <= 0:
         return None
-    data = eval_batches(run.valid, d.micro_batch_size, d.data_parallel_size, run.dp_rank)
+    data = eval_batches(dataset, d.micro_batch_size, d.data_parallel_size, run.dp_rank, run.mask_token)
     losses = [run.stepper.eval_batch(data) for _ in range(cfg.training.eval_iters)]
     loss = sum(losses) / len(losses)
-    run.logger.log_eval(iteration, {"lm_loss": loss})
+    run.logger.log_eval(iteration, {"lm_loss": loss}, split)
     return loss
 
 
@@ -81,33 +81,15 @@ def train(run: RunState) -> list[float]:
     cfg, d = run.cfg, run.cfg.derived
     ck = cfg.checkpoint
     preemption = Preemption(run.stepper.engine.device)  # from here on a signal means: save and stop
-    iteration, consumed = 0, 0
-    if ck.load:
-        resumed = load_checkpoint(run.stepper.engine, run.load_plan, ck.finetune, not ck.no_load_optim,
-                                  d.train_batch_size)
-        if resumed is not None:
-            iteration, consumed = resumed
-            run.print(f"resumed from {ck.load} at iteration {iteration} ({consumed} samples consumed; "
-                      f"{run.load_plan.why})")
-            saved_decay = run.load_plan.reader.client.get("lr_decay_iters")
-            if iteration and saved_decay is not None and saved_decay != d.lr_decay_iters:
-                run.print(f"learning-rate schedule: the checkpoint decayed over {saved_decay} iterations, this run "
-                          f"over {d.lr_decay_iters} (lr_decay_iters, train_iters when unset): from iteration "
-                          f"{iteration} the rate follows the new schedule; set lr_decay_iters: {saved_decay} "
-                          "to keep the old one")
-        else:
-            run.print(f"no checkpoint in {ck.load}: starting from scratch")
-    data = micro_batches(run.train, consumed, d.micro_batch_size, d.data_parallel_size, run.dp_rank)
+    iteration, consumed = resume(run)
+    data = micro_batches(run.train, consumed, d.micro_batch_size, d.data_parallel_size, run.dp_rank,
+                         run.mask_token)
     stats, losses, last_saved = IntervalStats(), [], None
 
     def save() -> None:
         nonlocal last_saved
-        began = time.perf_counter()
-        path = save_checkpoint(run.stepper.engine, ck.save, iteration, consumed, cfg.config_files,
-                               ck.keep_last_n_checkpoints,
-                               {**describe(cfg.model, d.vocab_size, d.padded_vocab_size), "lr_decay_iters": d.lr_decay_iters})
+        checkpoint(run, iteration, consumed)
         last_saved = iteration
-        run.print(f"saved checkpoint {path} in {time.perf_counter() - began:.2f} s")
 
     start, end, save_iters = iteration, d.train_iters, set(d.save_iters)
     if cfg.training.exit_interval:  # GPT-NeoX's meaning: stop at the next multiple
@@ -130,7 +112,7 @@ def train(run: RunState) -> list[float]:
         if iteration % cfg.logging.log_interval == 0 or iteration == end:
             _log(run, iteration, stats)
         if cfg.training.eval_interval and iteration % cfg.training.eval_interval == 0:
-            evaluate(run, iteration)
+            evaluate(run, iteration, run.valid, "validation")
             stats.start = time.perf_counter()  # eval time is not training throughput
         if ck.save and iteration in save_iters:
             save()
@@ -142,9 +124,11 @@ def train(run: RunState) -> list[float]:
                       f"{kept}")
             return losses
     if not (cfg.training.eval_interval and iteration % cfg.training.eval_interval == 0):
-        evaluate(run, iteration)
+        evaluate(run, iteration, run.valid, "validation")
     if ck.save and last_saved != iteration:
         save()
+    if iteration == d.train_iters:  # GPT-NeoX's do_test: the test split once, at the end of training
+        evaluate(run, iteration, run.test, "test")
     return losses
 
 

@@ -37,14 +37,14 @@ def build_optimizer(model: nn.Module, opt: OptimizerConfig, lr: float) -> torch.
     params = opt.optimizer.params
     groups = param_groups(model, opt.weight_decay)
     if opt.optimizer.type == "SGD":
-        return torch.optim.SGD(groups, lr=lr, momentum=params.get("momentum", 0.0))
+        return torch.optim.SGD(groups, lr=lr, momentum=params.momentum)
     # Adam with decoupled decay (GPT-NeoX's "Adam" with weight_decay is AdamW). torch's fused
     # kernel updates each tensor in one pass instead of a dozen elementwise ops: 3.5-4x faster
     # on the CPU (benchmarks/README.md), and DeepSpeed's ZeRO and mixed-precision wrappers step
     # it like any torch optimizer.
     fused = all(p.device.type in _FUSED_ADAMW_DEVICES for g in groups for p in g["params"])
     return torch.optim.AdamW(
-        groups, lr=lr, betas=tuple(params.get("betas", (0.9, 0.999))), eps=params.get("eps", 1e-8),
+        groups, lr=lr, betas=tuple(params.betas), eps=params.eps,
         fused=fused or None,
     )
 

@@ -18,9 +18,10 @@ import torch.distributed.distributed_c10d as c10d
 
 from megatron.checkpointing.loading import LoadPlan
 from megatron.config import ConfigError, NeoXConfig, load_config
+from megatron.config.schema import GATED_ACTIVATIONS
 from megatron.config.validate import check_launchable
 from megatron.data.datasets import build_datasets, build_streaming_datasets
-from megatron.launcher.environment import adopt_scheduler_environment, world_size
+from megatron.launcher.environment import adopt_scheduler_environment, node_layout, world_size
 from megatron.launcher.launch import free_port
 from megatron.logging import MetricsLogger
 from megatron.parallel.device import (allow_fp16_on_cpu, default_backend, device_type, keep_freed_host_memory,
@@ -104,9 +105,9 @@ def config_tokenizer(cfg: NeoXConfig) -> AbstractTokenizer:
 
 def worker_config(paths: list[str]) -> tuple[NeoXConfig, AbstractTokenizer]:
     """The config as this process sees it: world size from the launcher, vocab from the tokenizer."""
-    world = world_size()
-    tok = config_tokenizer(load_config(paths, world_size=world))
-    cfg = load_config(paths, world_size=world, vocab_size=tok.vocab_size)
+    world, nodes = world_size(), node_layout(paths)[0]
+    tok = config_tokenizer(load_config(paths, world_size=world, num_nodes=nodes))
+    cfg = load_config(paths, world_size=world, num_nodes=nodes, vocab_size=tok.vocab_size)
     check_launchable(cfg)
     return cfg, tok
 
@@ -118,11 +119,13 @@ class RunState:
     scheduler: AnnealingLR
     train: Any  # GPTDataset, BlendedDataset or StreamingDataset
     valid: Any
+    test: Any  # evaluated once, when training reaches train_iters
     logger: MetricsLogger
     dp_rank: int
     flops_per_token: int
     peak_flops: float
     load_plan: LoadPlan | None  # what `load` holds and how it is loaded
+    mask_token: int | None  # eod_mask_loss: positions whose input is this token are left out of the loss
 
     def print(self, text: str) -> None:
         if not dist.is_initialized() or dist.get_rank() == 0:
@@ -138,27 +141,29 @@ class RunState:
         return "\n".join(lines)
 
 
-def build_data(cfg: NeoXConfig) -> tuple[Any, Any]:
-    """Train and validation datasets: preprocessed (blended or split) or streamed from raw files."""
+def build_data(cfg: NeoXConfig) -> tuple[Any, Any, Any]:
+    """Train, validation and test datasets: preprocessed (blended or split) or streamed from raw files."""
     d, data = cfg.derived, cfg.data
     if data.data_impl == "stream":
-        train, valid, _ = build_streaming_datasets(
+        return build_streaming_datasets(
             data.train_data_paths, data.valid_data_paths, data.test_data_paths,
             (data.tokenizer_type, data.vocab_file, data.merge_file), cfg.model.seq_length,
             cfg.training.seed, data.num_workers, data.stream_text_key, data.stream_shuffle_files,
             data.stream_cache_dir)
-        return train, valid
-    samples = (d.train_iters * d.train_batch_size, cfg.training.eval_iters * d.train_batch_size, 0)
+    # Every evaluation, validation or test, reads the same first eval_iters batches of its split.
+    eval_samples = cfg.training.eval_iters * d.train_batch_size
+    samples = (d.train_iters * d.train_batch_size, eval_samples, eval_samples)
     try:
-        train, valid, _ = build_datasets(
+        train, valid, test = build_datasets(
             data.data_path, data.train_data_paths, data.valid_data_paths, data.test_data_paths,
             data.train_data_weights, data.valid_data_weights, data.test_data_weights,
-            data.split, samples, cfg.model.seq_length, cfg.training.seed, vocab_size=d.vocab_size)
+            data.split, samples, cfg.model.seq_length, cfg.training.seed, vocab_size=d.vocab_size,
+            weights_alpha=data.weighted_sampler_alpha if data.weight_by_num_documents else None)
     except ValueError as err:
         raise ConfigError(str(err)) from err
     if train is None:
         raise ConfigError(f"split {data.split!r} leaves no training documents in {data.data_path}")
-    return train, valid
+    return train, valid, test
 
 
 def seed_everything(seed: int) -> None:
@@ -167,7 +172,15 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def refuse_unsaveable(cfg: NeoXConfig) -> None:
+    """Refuse, before any work, a run whose checkpoints could not be resumed at all."""
+    if cfg.checkpoint.no_save_optim and cfg.checkpoint.save and cfg.derived.zero_stage == 3:
+        raise ConfigError("no_save_optim with ZeRO stage 3 would save no weights (ZeRO 3 keeps them only in its "
+                          "optimizer shards); use ZeRO stage 1 or 2, or drop no_save_optim")
+
+
 def build_run(cfg: NeoXConfig) -> RunState:
+    refuse_unsaveable(cfg)
     init_distributed(cfg)
     device = local_device()
     if device.type == "cpu":  # activations live in host memory only on the CPU
@@ -177,19 +190,23 @@ def build_run(cfg: NeoXConfig) -> RunState:
         torch.use_deterministic_algorithms(True)
     seed_everything(cfg.training.seed)
     d = cfg.derived
-    train, valid = build_data(cfg)
+    train, valid, test = build_data(cfg)
     par = cfg.parallel
     groups = ParallelGroups(d.pipe_stages, par.model_parallel_size, d.data_parallel_size,
                             par.sequence_parallel)
     seed_tp_rng(cfg.training.seed, groups.tp_rank)
     stepper, scheduler, load_plan = build_engine(cfg, groups)
     dp_rank = groups.dp_rank
+    lg = cfg.logging
     logger = MetricsLogger(
-        cfg.logging.log_dir, cfg.logging.tensorboard_dir, cfg.logging.use_wandb,
-        cfg.logging.wandb_project, cfg.logging.wandb_group, cfg.to_dict(),
+        lg.log_dir, lg.tensorboard_dir, lg.use_wandb, lg.wandb_project, lg.wandb_group, cfg.to_dict(),
         enabled=dist.get_rank() == 0, train_iters=d.train_iters,
+        wandb_team=lg.wandb_team, wandb_host=lg.wandb_host, wandb_run_name=lg.wandb_run_name,
     )
-    fpt = flops_per_token(cfg.model.num_layers, cfg.model.hidden_size, cfg.model.seq_length,
-                          d.padded_vocab_size, d.intermediate_size)
+    m = cfg.model
+    fpt = flops_per_token(m.num_layers, m.hidden_size, m.seq_length, d.padded_vocab_size, d.intermediate_size,
+                          gated=m.activation in GATED_ACTIVATIONS,
+                          kv_hidden_size=d.num_kv_heads * m.hidden_size // m.num_attention_heads)
     peak = device_peak_flops(device, DTYPES[d.precision])
-    return RunState(cfg, stepper, scheduler, train, valid, logger, dp_rank, fpt, peak, load_plan)
+    mask_token = config_tokenizer(cfg).eod if cfg.training.eod_mask_loss else None
+    return RunState(cfg, stepper, scheduler, train, valid, test, logger, dp_rank, fpt, peak, load_plan, mask_token)

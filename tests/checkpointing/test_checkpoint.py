@@ -72,7 +72,7 @@ def write_small(save: Path, iteration: int) -> Path:
     from megatron.config.schema import ModelConfig
     from megatron.model import GPTModel, layer_defs
 
-    model = ModelConfig(num_layers=1, hidden_size=16, num_attention_heads=2, no_weight_tying=True)
+    model = ModelConfig(pos_emb="rotary", num_layers=1, hidden_size=16, num_attention_heads=2, no_weight_tying=True)
     layers = [(n, m.state_dict()) for n, m in local_layers(GPTModel(layer_defs(model, 128, 64, 32, seed=0)))]
     return write_checkpoint(save, iteration, layers, model, 100, tp=1, pp=1)
 

@@ -107,7 +107,7 @@ def neox_release(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("neox")
     arch = dict(num_layers=2, hidden_size=64, num_attention_heads=4, seq_length=64, rotary_pct=0.25,
                 gpt_j_residual=True, no_weight_tying=True)
-    layers = neox_layers(ModelConfig(**arch), seed=11)
+    layers = neox_layers(ModelConfig(**arch, pos_emb="rotary"), seed=11)
     config = {**arch, "tokenizer_type": "CharLevelTokenizer", "pos-emb": "rotary", "model-parallel-size": 2,
               "pipe-parallel-size": 4, "attention_config": [[["global"], 2]]}  # GPT-NeoX keys we need not know
     old = write_neox_checkpoint(tmp / "old", layers, config)
@@ -178,3 +178,32 @@ def test_zero3_resumes_natively_and_is_not_resharded(tiny, tmp_path):
     proc = run_cli("train.py", tiny("other", **COMMON, load=str(tmp_path / "ck"), finetune=True))
     assert proc.returncode == 2
     assert "a ZeRO stage 3 checkpoint, whose weights are partitioned" in proc.stderr
+
+
+@pytest.mark.parametrize("kv_heads", [2, None])
+def test_gated_and_grouped_query_tensors_reshard_block_by_block(tmp_path, kv_heads):
+    """A Llama-shaped model (SwiGLU, grouped-query attention when kv_heads is set) written at TP2
+    holds in each rank's file exactly the weights the model builds on that rank ([value_r; gate_r],
+    [q_r; k_r; v_r]), and reads back, merged, as the one-process model."""
+    from megatron.checkpointing.writer import write_checkpoint
+    from megatron.parallel.groups import TensorParallel
+
+    m = ModelConfig(pos_emb="rotary",
+                    num_layers=2, hidden_size=64, num_attention_heads=8, num_kv_heads=kv_heads, seq_length=16,
+                    norm="rmsnorm", activation="swiglu", use_bias_in_norms=False, use_bias_in_attn_linear=False,
+                    use_bias_in_mlp=False, no_weight_tying=True, make_vocab_size_divisible_by=1)
+    whole = GPTModel(layer_defs(m, 64, 96, 16, seed=4, vocab_size=64))
+    layers = [(n, mod.state_dict()) for n, mod in local_layers(whole)]
+    out = write_checkpoint(tmp_path / "ck", 1, layers, m, 64, tp=2, pp=1)
+    for rank in range(2):
+        built = GPTModel(layer_defs(m, 64, 96, 16, seed=4, vocab_size=64, tp=TensorParallel(2, rank)))
+        for number, module in local_layers(built):
+            stored = load_file(out / f"layer_{number:02d}-model_{rank:02d}-model_states.pt")
+            for key, value in module.state_dict().items():
+                if not key.endswith("inv_freq"):
+                    assert torch.equal(stored[key], value), (number, key, rank)
+    reader = CheckpointReader(tmp_path / "ck")
+    for number, tensors in layers:
+        merged = reader.layer(number, parallel_residual=False)
+        assert merged.keys() == {k for k in tensors if not k.endswith("inv_freq")}
+        assert all(torch.equal(merged[k], tensors[k]) for k in merged), number

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from megatron.data.blended_dataset import PERIOD, BlendedDataset, BlendIndex, blend_period, quantize_weights
-from megatron.data.datasets import build_datasets
+from megatron.data.datasets import build_datasets, weights_by_num_documents
 from megatron.data.gpt_dataset import GPTDataset, build_train_valid_test_datasets
 from megatron.data.indexed_dataset import MMapIndexedDataset, MMapIndexedDatasetBuilder
 
@@ -123,3 +123,26 @@ def test_build_datasets_errors(prefixes):
             build_datasets(*args, "", (10, 10, 0), 16, 0)
     with pytest.raises(ValueError, match="blended dataset 1 has 3 samples but the blend needs 5"):
         BlendedDataset([np.zeros((100, 2)), np.zeros((3, 2))], [1, 1], 10, 0)
+
+
+def test_weights_by_num_documents_is_gpt_neox_formula():
+    """p_i = n_i / N, q_i = p_i**alpha renormalised, weight q_i * (1 - p_i) renormalised.
+    alpha 1, counts 100/300/600: p(1 - p) = 0.09, 0.21, 0.24, over 0.54 -> 1/6, 7/18, 4/9.
+    alpha 0.5: sqrt(p) = 0.31623, 0.54772, 0.77460 (sum 1.63855) -> q = 0.19299, 0.33427, 0.47273;
+    q(1 - p) = 0.17369, 0.23399, 0.18909 (sum 0.59678) -> 0.29105, 0.39209, 0.31686."""
+    assert weights_by_num_documents([100, 300, 600], 1.0) == pytest.approx([1 / 6, 7 / 18, 4 / 9], abs=1e-12)
+    assert weights_by_num_documents([100, 300, 600], 0.5) == pytest.approx([0.29105195, 0.39209082, 0.31685723],
+                                                                          abs=1e-8)
+    assert weights_by_num_documents([7], 0.3) == [1.0]  # alone it takes everything (the formula gives 0/0)
+    with pytest.raises(ValueError, match="document counts with a positive sum"):
+        weights_by_num_documents([0, 0], 0.5)
+
+
+def test_weight_by_num_documents_replaces_given_weights(prefixes):
+    """The fixture's prefixes hold 40, 80 and 120 documents: at alpha 1, p = 1/6, 1/3, 1/2 and
+    p(1 - p) = 5/36, 8/36, 9/36 -> weights 5/22, 8/22, 9/22, whatever train_data_weights said."""
+    train = build_datasets(None, prefixes, None, None, [1, 1, 1], None, None, "", (2200, 0, 0), 16, 3,
+                           weights_alpha=1.0)[0]
+    assert train.weights == pytest.approx([5 / 22, 8 / 22, 9 / 22], abs=1 / PERIOD)
+    source = np.array([int(train[i][0]) // 1_000_000 - 1 for i in range(2200)])
+    assert np.bincount(source).tolist() == pytest.approx([500, 800, 900], abs=2)

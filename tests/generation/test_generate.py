@@ -29,9 +29,9 @@ PROMPTS = [[5, 9, 17, 33, 2, 8, 100], [7, 1], [60, 61, 62, 63], [44]]
 
 
 def tiny_model(parallel: bool, **kw) -> tuple[ModelConfig, GPTModel]:
-    m = ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, seq_length=64, rotary_pct=0.25,
-                    gpt_j_residual=parallel, no_weight_tying=True, init_method="small_init",
-                    output_layer_init_method="wang_init", **kw)
+    m = ModelConfig(**{"pos_emb": "rotary", "num_layers": 2, "hidden_size": 64, "num_attention_heads": 4,
+                       "seq_length": 64, "rotary_pct": 0.25, "gpt_j_residual": parallel, "no_weight_tying": True,
+                       "init_method": "small_init", "output_layer_init_method": "wang_init", **kw})
     return m, GPTModel(layer_defs(m, V, 256, 64, seed=3, vocab_size=V)).eval()
 
 

@@ -72,7 +72,12 @@ def test_eval_line_and_perplexity(tmp_path):
     with make_logger(tmp_path) as logger:
         line = logger.log_eval(100, {"lm_loss": 3.2})
         capped = logger.log_eval(101, {"lm_loss": 50.0})
+        test = logger.log_eval(102, {"lm_loss": 2.0}, "test")
     assert line == " validation loss at iteration      100 | lm loss 3.2000E+00 | PPL 2.4533E+01 |"
+    assert test == " test loss at iteration      102 | lm loss 2.0000E+00 | PPL 7.3891E+00 |"
+    records = [json.loads(r) for r in (tmp_path / "logs" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["type"], r["iteration"], r["lm_loss"]) for r in records] == [
+        ("eval", 100, 3.2), ("eval", 101, 50.0), ("test", 102, 2.0)]
     # exp is capped at exp(20) = 4.85e8 so an untrained model does not print inf.
     assert capped == " validation loss at iteration      101 | lm loss 5.0000E+01 | PPL 4.8517E+08 |"
 
@@ -149,12 +154,16 @@ def test_wandb_offline_run(tmp_path, monkeypatch, capsys):
     logger = MetricsLogger(
         log_dir=str(tmp_path / "logs"), tensorboard_dir=None, use_wandb=True,
         wandb_project="neox-test", wandb_group="group-a", run_config={"hidden_size": 64},
-        enabled=True,
+        enabled=True, wandb_team="team-x", wandb_host="https://wandb.example.org", wandb_run_name="pythia-run-7",
     )
     assert wandb.run is not None and wandb.run.project == "neox-test"
     assert wandb.run.config["hidden_size"] == 64
+    # wandb_team is the entity, wandb_run_name the name, wandb_host the server
+    assert (wandb.run.entity, wandb.run.name) == ("team-x", "pythia-run-7")
+    assert wandb.run.settings.base_url == "https://wandb.example.org"
     logger.log_train(1, {"lm_loss": 3.0})
     logger.log_eval(1, {"lm_loss": 2.0})
+    logger.log_eval(1, {"lm_loss": 2.5}, "test")
     logger.close()
     assert wandb.run is None
 
@@ -164,7 +173,8 @@ def test_wandb_offline_run(tmp_path, monkeypatch, capsys):
     # The record file is protobuf in a log: strings appear verbatim. wandb 0.31's finish() can
     # return before its service process has written the records (the file then holds only its
     # 7-byte header for a moment), so wait for them.
-    needles = (b"train/lm_loss", b"eval/lm_loss_ppl", b"hidden_size", b"group-a", b"neox-test")
+    needles = (b"train/lm_loss", b"eval/lm_loss_ppl", b"test/lm_loss", b"hidden_size", b"group-a", b"neox-test",
+               b"team-x", b"pythia-run-7")
     deadline = time.monotonic() + 30
     while True:
         data = open(runs[0], "rb").read()

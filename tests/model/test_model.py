@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def tiny(**kw) -> ModelConfig:
-    base = dict(num_layers=2, hidden_size=64, num_attention_heads=4, seq_length=32, rotary_pct=0.25,
+    base = dict(pos_emb="rotary", num_layers=2, hidden_size=64, num_attention_heads=4, seq_length=32, rotary_pct=0.25,
                 no_weight_tying=True, init_method="small_init", output_layer_init_method="wang_init")
     return ModelConfig(**{**base, **kw})
 
@@ -89,25 +89,24 @@ def test_normal_and_scaled_normal_init():
 
 
 def test_rmsnorm_is_gpt_neox_formula():
-    """GPT-NeoX's RMSNorm is w * x / (rms(x) + eps) with no bias; torch's fused rms_norm puts eps
-    inside the root, which for eps 1e-8 and activations of RMS ~1 differs by ~1e-8 relative."""
+    """GPT-NeoX's RMSNorm (megatron/model/norms.py): scale * x * rsqrt(mean(x^2) + eps), in
+    parameters named `scale` (and `offset` only with use_bias_in_norms)."""
     from megatron.parallel.layers import RMSNorm
 
-    m = tiny(norm="rmsnorm")
+    m = tiny(norm="rmsnorm", use_bias_in_norms=False)
     model = GPTModel(layer_defs(m, 128, 256, 32, seed=0))
     norms = [mod for mod in model.modules() if isinstance(mod, RMSNorm)]
     assert len(norms) == 2 * m.num_layers + 1
-    assert not any("norm.bias" in name or "layernorm.bias" in name for name, _ in model.named_parameters())
+    assert sorted({name.rsplit(".", 1)[1] for name, _ in model.named_parameters() if "norm" in name}) == ["scale"]
     tokens = torch.randint(0, 128, (2, 32), generator=torch.Generator().manual_seed(1))
     loss = torch.nn.functional.cross_entropy(model(tokens).view(-1, 128), tokens.view(-1))
     assert loss.item() == pytest.approx(math.log(128), rel=0.1)
     norm = norms[0].double()
     with torch.no_grad():
-        norm.weight.copy_(torch.linspace(0.5, 1.5, m.hidden_size))
+        norm.scale.copy_(torch.linspace(0.5, 1.5, m.hidden_size))
     x = torch.randn(2, 5, m.hidden_size, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 3
-    rms = x.norm(2, dim=-1, keepdim=True) * m.hidden_size ** -0.5
-    expected = norm.weight * x / (rms + m.rms_norm_epsilon)
-    torch.testing.assert_close(norm(x), expected, rtol=1e-7, atol=1e-7)
+    expected = norm.scale * x * torch.rsqrt(x.square().mean(-1, keepdim=True) + m.rms_norm_epsilon)
+    torch.testing.assert_close(norm(x), expected, rtol=1e-12, atol=1e-12)
 
 
 def test_activation_checkpointing_same_gradients():

@@ -24,7 +24,7 @@ TOL = dict(rtol=1e-5, atol=1e-6)
 
 
 def model_cfg(**kw) -> ModelConfig:
-    base = dict(num_layers=2, hidden_size=32, num_attention_heads=4, seq_length=16, rotary_pct=0.5)
+    base = dict(pos_emb="rotary", num_layers=2, hidden_size=32, num_attention_heads=4, seq_length=16, rotary_pct=0.5)
     return ModelConfig(**{**base, **kw})
 
 

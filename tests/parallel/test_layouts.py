@@ -246,3 +246,29 @@ def test_dropout_tp2_checkpointing_replays_per_rank_masks(dropout_runs):
     """TP2 with activation checkpointing equals TP2 without: the recompute replays the per-rank
     attention masks and the shared hidden ones."""
     assert_same(dropout_runs("tp2_ckpt"), dropout_runs("tp2"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Llama-shaped models: RMSNorm, SwiGLU (a gated dense_h_to_4h split block by block), no biases,
+# untied, full rotary, no vocabulary padding, grouped-query attention (4 heads, 2 key/value heads:
+# one per tensor rank at TP2).
+LLAMA = dict(norm="rmsnorm", rms_norm_epsilon=1e-6, activation="swiglu", mlp_multiple_of=32, use_bias_in_norms=False,
+             use_bias_in_attn_linear=False, use_bias_in_mlp=False, rotary_pct=1.0, gpt_j_residual=False,
+             no_weight_tying=True, make_vocab_size_divisible_by=1, num_kv_heads=2)
+
+
+@pytest.mark.slow
+def test_llama_tp2_pp2_matches_single_process(tmp_path, char_data):
+    """The vocabulary is unpadded in one process (257) and padded to 258 at TP2: the padding row
+    is masked, so both are the same model."""
+    from helpers import tiny_config
+
+    runs = {"llama_ref": {}, "llama_tp2_pp2": dict(model_parallel_size=2, pipe_parallel_size=2, num_gpus=4,
+                                                   master_port=29951)}
+    got = {}
+    for name, layout in runs.items():
+        cfg = tiny_config(tmp_path, char_data, name, **{**REFERENCE, **LLAMA, **layout})
+        proc = run_cli("deepy.py", "train.py", cfg) if layout else run_cli("train.py", cfg)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+        got[name] = trajectory(tmp_path / name / "logs")
+    assert_same(got["llama_tp2_pp2"], got["llama_ref"])

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from megatron.config.blocks import OptimizerParams
 from megatron.config.schema import ModelConfig, OptimizerConfig, OptimizerSpec
 from megatron.model import GPTModel, layer_defs
 from megatron.training.lr_schedule import AnnealingLR
@@ -40,7 +41,7 @@ def test_schedule_state_round_trip_sets_optimizer_lr():
 
 
 def test_no_weight_decay_on_biases_and_norms():
-    m = ModelConfig(num_layers=1, hidden_size=32, num_attention_heads=2, seq_length=8)
+    m = ModelConfig(pos_emb="rotary", num_layers=1, hidden_size=32, num_attention_heads=2, seq_length=8)
     model = GPTModel(layer_defs(m, 64, 128, 8, seed=0))  # tied embedding
     decay, no_decay = param_groups(model, 0.1)
     names = {id(p): n for n, p in model.named_parameters()}
@@ -49,7 +50,7 @@ def test_no_weight_decay_on_biases_and_norms():
         n for n in names.values() if n.endswith("bias") or "norm" in n)
     assert all(names[id(p)].endswith("weight") and "norm" not in names[id(p)] for p in decay["params"])
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
-    opt = build_optimizer(model, OptimizerConfig(optimizer=OptimizerSpec("Adam", {"betas": [0.9, 0.95]})), 1e-3)
+    opt = build_optimizer(model, OptimizerConfig(optimizer=OptimizerSpec("Adam", OptimizerParams(betas=[0.9, 0.95]))), 1e-3)
     assert isinstance(opt, torch.optim.AdamW) and opt.defaults["betas"] == (0.9, 0.95)
     assert opt.defaults["fused"] is True  # torch's one-pass kernel, not the per-op default on the CPU
 

@@ -294,6 +294,6 @@ def test_resume_says_when_the_lr_schedule_is_stretched(tiny, tmp_path):
     assert run_cli("train.py", tiny(train_iters=4, **kw)).returncode == 0
     proc = run_cli("train.py", tiny(train_iters=6, **kw))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert ("learning-rate schedule: the checkpoint decayed over 4 iterations, this run over 6 (lr_decay_iters, "
-            "train_iters when unset): from iteration 4 the rate follows the new schedule; set lr_decay_iters: 4 "
-            "to keep the old one") in proc.stdout
+    assert ("learning-rate schedule: lr_decay_iters 4 in the checkpoint, 6 in this config: from iteration 4 the "
+            "rate follows this config; set use_checkpoint_lr_scheduler: true to keep the checkpoint's schedule, or "
+            "override_lr_scheduler: true to follow this config without this notice") in proc.stdout
