@@ -83,6 +83,14 @@ def test_llama_7b_plans_metas_parameter_count(tmp_path):
     assert (cfg.derived.intermediate_size, plan(cfg).total_parameters) == (11008, 6_738_415_616)
 
 
+def test_llama2_70b_plans_metas_parameter_count(tmp_path):
+    """Grouped-query attention (8 key/value heads) and the gated MLP rule: 86016 -> 28672."""
+    extra = overlay(tmp_path, {"vocab_size": 32000, "use_bias_in_mlp": False})
+    cfg = load_config(files("llama2/70B") + [extra], require_files=False)
+    assert (cfg.derived.intermediate_size, cfg.derived.num_kv_heads) == (28672, 8)
+    assert plan(cfg).total_parameters == 68_976_648_192
+
+
 def test_dry_run_20b_as_a_subprocess(tmp_path):
     # num_gpus 8: the layout GPT-NeoX trained with, whatever accelerators the test machine has.
     proc = run_cli("deepy.py", "--dry-run", "train.py", *files("20B"), overlay(tmp_path, {"num_gpus": 8}))
