@@ -97,6 +97,13 @@ def effective_launcher(launcher: LauncherConfig) -> str:
     return "pdsh" if launcher.num_nodes > 1 else "local"
 
 
+def pipe_stages(parallel: ParallelConfig) -> int:
+    """Pipeline stages: pipe_parallel_size, where 0 (the plain engine) is one stage. Before the
+    world size is known (planning the launch) this is the only place that says so; afterwards
+    it is `Derived.pipe_stages`."""
+    return max(parallel.pipe_parallel_size, 1)
+
+
 def mlp_width(model: ModelConfig) -> int:
     """GPT-NeoX's MLP sizing: the size is intermediate_size, else expansion_factor x hidden, else
     4 x hidden; a gated activation keeps two thirds of it for both halves together; the width
@@ -186,7 +193,7 @@ def derive(groups: dict[str, Any], world_size: int, vocab_size: int | None, num_
     parallel: ParallelConfig = groups["parallel"]
     training: TrainingConfig = groups["training"]
     lr: LRConfig = groups["lr"]
-    tp, pp = parallel.model_parallel_size, max(parallel.pipe_parallel_size, 1)  # the one place
+    tp, pp = parallel.model_parallel_size, pipe_stages(parallel)
     if tp < 1 or parallel.pipe_parallel_size < 0:
         raise ConfigError(f"model_parallel_size must be >= 1 and pipe_parallel_size >= 0 (got {tp}, {parallel.pipe_parallel_size})")
     if world_size % (tp * pp):
@@ -266,7 +273,7 @@ def load_config(
     if world_size is None:
         parallel = groups["parallel"]
         world_size = nodes * (groups["launcher"].num_gpus
-                              or parallel.model_parallel_size * max(parallel.pipe_parallel_size, 1))
+                              or parallel.model_parallel_size * pipe_stages(parallel))
     derived = derive(groups, world_size, vocab_size, nodes)
     check_second_spellings(groups, derived)
     check_model(groups["model"], groups["parallel"], derived)

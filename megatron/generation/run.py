@@ -114,8 +114,8 @@ def _layout(cfg: NeoXConfig) -> ParallelGroups:
         raise ConfigError(f"model_parallel_size {tp} needs a multiple of {tp} processes, got {world}: "
                           f"launch with `python deepy.py generate.py ...`")
     groups = ParallelGroups(1, tp, world // tp)  # no sequence parallelism: prompts have any length
-    if cfg.parallel.pipe_parallel_size > 1:
-        _print(f"pipe_parallel_size {cfg.parallel.pipe_parallel_size}: generation runs all layers on one "
+    if cfg.derived.pipe_stages > 1:
+        _print(f"pipe_parallel_size {cfg.derived.pipe_stages}: generation runs all layers on one "
                f"stage per tensor-parallel group ({world // tp} replica(s) of {tp} rank(s))")
     return groups
 

@@ -18,7 +18,7 @@ import os
 import re
 from collections.abc import Mapping
 
-from megatron.config.config import effective_launcher
+from megatron.config.config import effective_launcher, pipe_stages
 from megatron.config.loader import merge_files, split_into_groups
 from megatron.parallel.device import gpus_on_this_node
 
@@ -142,7 +142,7 @@ def node_layout(paths: list[str], environ: Mapping[str, str] = os.environ) -> tu
     groups = split_into_groups(values, origin)
     parallel, launcher = groups["parallel"], groups["launcher"]
     per_node = (launcher.num_gpus or gpus_on_this_node()
-                or parallel.model_parallel_size * max(parallel.pipe_parallel_size, 1))
+                or parallel.model_parallel_size * pipe_stages(parallel))
     allocation = slurm_allocation(environ) if effective_launcher(launcher) == "slurm" else None
     if allocation is not None:
         return allocation[0], allocation[1] or per_node
