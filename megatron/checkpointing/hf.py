@@ -10,8 +10,9 @@ it as `embed_out.weight`; both names are read. config.json keeps rotary in `rope
 `rotary_pct` / `rotary_emb_base`.
 
 Files stream: `SafetensorsShards` writes whole layers into shards of bounded size, and
-`read_hf_layers` reads one layer's tensors at a time through `safe_open`, so converting holds
-about one layer (or one shard) in memory, never the model.
+`read_hf_layers` reads one layer's tensors at a time (`TensorFiles`, through `safe_open`), so
+converting holds about one layer (or one shard) in memory, never the model. hf_llama.py (the
+`LlamaForCausalLM` mapping) streams through the same two.
 """
 
 from __future__ import annotations
@@ -107,13 +108,19 @@ def to_hf_state_dict(model: GPTModel, num_layers: int, tied: bool) -> dict[str, 
 # -- configs ------------------------------------------------------------------------------
 def check_expressible(model: ModelConfig) -> None:
     """Refuse what GPTNeoXForCausalLM cannot compute, naming the key and its value."""
-    supported = {"norm": (("layernorm",), "it has LayerNorm only"),
-                 "pos_emb": (("rotary",), "it has rotary position embeddings only"),
-                 "activation": (("gelu", "relu"), "its MLP takes gelu or relu here")}
-    for key, (allowed, why) in supported.items():
-        value = getattr(model, key)
-        if value not in allowed:
-            raise CheckpointError(f"{key} {value!r} cannot be converted to GPTNeoXForCausalLM: {why}")
+    heads = model.num_attention_heads
+    problems = [
+        ("norm", model.norm != "layernorm", "it has LayerNorm only"),
+        ("pos_emb", model.pos_emb != "rotary", "it has rotary position embeddings only"),
+        ("activation", model.activation not in ("gelu", "relu"), "its MLP takes gelu or relu here"),
+        ("num_kv_heads", model.num_kv_heads not in (None, heads), "it has no grouped-query attention"),
+        ("use_bias_in_norms", not model.use_bias_in_norms, "its norms have biases"),
+        ("use_bias_in_attn_linear", not model.use_bias_in_attn_linear, "its attention linears have biases"),
+        ("use_bias_in_mlp", not model.use_bias_in_mlp, "its MLP linears have biases"),
+    ]
+    for key, bad, why in problems:
+        if bad:
+            raise CheckpointError(f"{key} {getattr(model, key)!r} cannot be converted to GPTNeoXForCausalLM: {why}")
 
 
 def hf_config(model: ModelConfig, padded_vocab: int, ffn: int, max_positions: int, eod: int | None = None) -> Any:
@@ -151,28 +158,37 @@ def model_from_hf(hc: Any) -> ModelConfig:
     return ModelConfig(
         num_layers=hc.num_hidden_layers, hidden_size=hc.hidden_size, num_attention_heads=hc.num_attention_heads,
         intermediate_size=hc.intermediate_size, seq_length=hc.max_position_embeddings,
-        max_position_embeddings=hc.max_position_embeddings, layernorm_epsilon=hc.layer_norm_eps,
-        rotary_pct=rope.get("partial_rotary_factor", 0.25), rotary_emb_base=int(theta),
+        max_position_embeddings=hc.max_position_embeddings, norm="layernorm", layernorm_epsilon=hc.layer_norm_eps,
+        pos_emb="rotary", rotary_pct=rope.get("partial_rotary_factor", 0.25), rotary_emb_base=int(theta),
         no_weight_tying=not hc.tie_word_embeddings, gpt_j_residual=hc.use_parallel_residual,
         activation="relu" if hc.hidden_act == "relu" else "gelu", bias_gelu_fusion=hc.hidden_act in TANH_GELU,
         hidden_dropout=hc.hidden_dropout, attention_dropout=hc.attention_dropout,
     )
 
 
-def read_hf_config(hf_dir: Path) -> Any:
-    """config.json of a local directory (never the network), as a `GPTNeoXConfig`."""
-    from transformers import GPTNeoXConfig
-
+def model_type(hf_dir: Path) -> str | None:
+    """config.json's `model_type` (which converter applies) of a local save_pretrained directory."""
     path = hf_dir / "config.json"
     if not path.is_file():
         raise CheckpointError(f"{hf_dir}: no config.json (expected a save_pretrained directory)")
     try:
-        kind = json.loads(path.read_text()).get("model_type")
-        if kind != "gpt_neox":  # GPTNeoXConfig would read any config.json, and be wrong
-            raise CheckpointError(f"{path}: model_type {kind!r}; only gpt_neox (GPTNeoXForCausalLM) converts")
-        return GPTNeoXConfig.from_pretrained(str(hf_dir), local_files_only=True)
-    except (OSError, ValueError) as err:  # JSONDecodeError is a ValueError
+        return json.loads(path.read_text()).get("model_type")
+    except ValueError as err:  # JSONDecodeError is a ValueError
         raise CheckpointError(f"{path}: {err}") from None
+
+
+def read_hf_config(hf_dir: Path) -> Any:
+    """config.json of a local directory (never the network), as a `GPTNeoXConfig`."""
+    from transformers import GPTNeoXConfig
+
+    kind = model_type(hf_dir)
+    if kind != "gpt_neox":  # GPTNeoXConfig would read any config.json, and be wrong
+        raise CheckpointError(f"{hf_dir / 'config.json'}: model_type {kind!r}; GPTNeoXForCausalLM (gpt_neox) "
+                              "and LlamaForCausalLM (llama, mistral) convert")
+    try:
+        return GPTNeoXConfig.from_pretrained(str(hf_dir), local_files_only=True)
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{hf_dir / 'config.json'}: {err}") from None
 
 
 def write_tokenizer_config(out: Path, tokenizer_json: Path, max_positions: int) -> None:
@@ -247,28 +263,44 @@ def hf_weight_files(hf_dir: Path) -> dict[str, Path]:
     raise CheckpointError(f"{hf_dir}: no {SINGLE_FILE} or {INDEX_FILE}{hint}")
 
 
+class TensorFiles:
+    """Reads named tensors one at a time from the safetensors files `hf_weight_files` found,
+    opening each file once; use as a context manager so the files close."""
+
+    def __init__(self, files: dict[str, Path]) -> None:
+        self.files = files
+        self._stack = ExitStack()
+        self._handles: dict[Path, Any] = {}
+
+    def __enter__(self) -> "TensorFiles":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stack.close()
+
+    def get(self, name: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        path = self.files[name]
+        if path not in self._handles:
+            self._handles[path] = self._stack.enter_context(safe_open(str(path), "pt"))
+        return self._handles[path].get_tensor(name)
+
+
 def read_hf_layers(files: dict[str, Path], num_layers: int, tied: bool) -> Iterator[Layer]:
     """Whole layers (our numbers and names) in order, each read tensor by tensor when reached."""
-    from safetensors import safe_open
-
     where: dict[int, dict[str, str]] = {}
     for name in files:
         found = our_name(name, num_layers)
         if found is not None and not (tied and found[0] == layout.output_number(num_layers)):
             where.setdefault(found[0], {})[found[1]] = name
-    with ExitStack() as stack:
-        handles: dict[Path, Any] = {}
+    with TensorFiles(files) as reader:
         for number in layout.layer_numbers(num_layers, tied):
             names = where.get(number, {})
             missing = [k for k in layer_keys(number, num_layers) if k not in names]
             if missing:
                 raise CheckpointError(f"no tensor {hf_name(number, missing[0], num_layers)} in the weights")
-            tensors = {}
-            for key, name in names.items():
-                if files[name] not in handles:
-                    handles[files[name]] = stack.enter_context(safe_open(str(files[name]), "pt"))
-                tensors[key] = handles[files[name]].get_tensor(name)
-            yield number, tensors
+            yield number, {key: reader.get(name) for key, name in names.items()}
 
 
 def to_hf_model(model: ModelConfig, ours: GPTModel, padded_vocab: int, ffn: int, max_positions: int,

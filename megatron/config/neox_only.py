@@ -209,7 +209,7 @@ UNIMPLEMENTED_CHOICES: dict[tuple[str, str], dict[str, str]] = {
     ("lr", "lr_decay_style"): {"exponential": "an exponential learning-rate decay"},
     ("data", "tokenizer_type"): {"HFGPT2Tokenizer": "the GPT-2 tokenizer from the Hugging Face hub (use "
                                                     "GPT2BPETokenizer with vocab_file and merge_file)",
-                                 "SPMTokenizer": "SentencePiece tokenizers", "TiktokenTokenizer": "tiktoken"},
+                                 "TiktokenTokenizer": "tiktoken"},
     ("data", "data_impl"): {"cached": "the cached dataset format"},
 }
 # GPT-NeoX's optimizer types (compared in lower case, as GPT-NeoX does) beyond Adam/AdamW/SGD.

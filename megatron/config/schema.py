@@ -171,8 +171,11 @@ class DataConfig:
         "whole files unread; default: beside the first training file.")
     tokenizer_type: Literal["GPT2BPETokenizer", "HFTokenizer", "HFGPT2Tokenizer", "SPMTokenizer", "CharLevelTokenizer",
                             "TiktokenTokenizer"] = doc(
-        "GPT2BPETokenizer", "'GPT2BPETokenizer', 'HFTokenizer' or 'CharLevelTokenizer'; the others are refused.")
-    vocab_file: str | None = doc(None, "Tokenizer JSON (HFTokenizer) or vocab.json (GPT2BPETokenizer).")
+        "GPT2BPETokenizer", "'GPT2BPETokenizer', 'HFTokenizer', 'SPMTokenizer' (SentencePiece; Llama) or "
+        "'CharLevelTokenizer'; the others are refused.")
+    vocab_file: str | None = doc(
+        None, "Tokenizer JSON (HFTokenizer), vocab.json (GPT2BPETokenizer) or the SentencePiece .model file "
+        "(SPMTokenizer).")
     merge_file: str | None = doc(None, "merges.txt for GPT2BPETokenizer.")
     num_workers: int = doc(
         2, "data_impl 'stream': tokenizer worker processes per rank (0: in the training process). "

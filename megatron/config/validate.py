@@ -39,7 +39,7 @@ def data_prefixes(data: DataConfig) -> list[str]:
 
 def check_files(data: DataConfig) -> None:
     """Missing data or tokenizer files fail here, before any process starts."""
-    if data.tokenizer_type in ("HFTokenizer", "GPT2BPETokenizer"):
+    if data.tokenizer_type in ("HFTokenizer", "GPT2BPETokenizer", "SPMTokenizer"):
         if data.vocab_file is None:
             raise ConfigError(f"tokenizer_type {data.tokenizer_type} needs vocab_file")
         _require(data.vocab_file, "vocab_file")

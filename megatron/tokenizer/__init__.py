@@ -8,6 +8,7 @@ from megatron.tokenizer.tokenizer import (
     CharLevelTokenizer,
     GPT2BPETokenizer,
     HFTokenizer,
+    SPMTokenizer,
     build_tokenizer,
     pad_vocab_size,
 )
@@ -20,6 +21,7 @@ __all__ = [
     "CharLevelTokenizer",
     "GPT2BPETokenizer",
     "HFTokenizer",
+    "SPMTokenizer",
     "build_tokenizer",
     "pad_vocab_size",
 ]

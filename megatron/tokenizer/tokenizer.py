@@ -174,6 +174,64 @@ class CharLevelTokenizer(AbstractTokenizer):
         return out.decode("utf-8", errors="replace")
 
 
+class SPMTokenizer(AbstractTokenizer):
+    """A SentencePiece model file (``.model``), e.g. Llama's tokenizer.model; GPT-NeoX's
+    ``SPMTokenizer``. Text is encoded as is (no bos/eos added), ids decode back to text.
+
+    eod is the ``<|endoftext|>`` piece when the model has one (GPT-NeoX's rule); otherwise the
+    model's eos id (Llama's ``</s>``). GPT-NeoX falls back to piece_to_id's answer, the unknown
+    id, which would end every document with <unk>; with neither piece this refuses instead.
+    pad is the model's pad id when it defines one, else eod."""
+
+    name = "SPMTokenizer"
+
+    def __init__(self, vocab_file: str) -> None:
+        import sentencepiece
+
+        self.vocab_file = vocab_file
+        try:
+            self._sp = sentencepiece.SentencePieceProcessor(model_file=vocab_file)
+        except (OSError, RuntimeError) as err:  # add the path: the C++ message names it only sometimes
+            raise ValueError(f"{vocab_file}: not a SentencePiece model file ({err})") from err
+        eod = self._sp.piece_to_id(EOD_TOKEN)
+        if eod == self._sp.unk_id() and self._sp.id_to_piece(eod) != EOD_TOKEN:  # absent: piece_to_id gives unk
+            eod = self._sp.eos_id()
+        if eod < 0:
+            raise ValueError(f"{vocab_file}: SentencePiece model has neither {EOD_TOKEN} nor an eos piece "
+                             "to use as eod")
+        self._eod = eod
+        self._pad = self._sp.pad_id() if self._sp.pad_id() >= 0 else eod
+
+    @property
+    def vocab_size(self) -> int:
+        return self._sp.get_piece_size()
+
+    @property
+    def eod(self) -> int:
+        return self._eod
+
+    @property
+    def pad(self) -> int:
+        return self._pad
+
+    def id_to_piece(self, i: int) -> str:
+        """The piece (token text) of an id, e.g. for naming special tokens in other tools' configs."""
+        return self._sp.id_to_piece(i)
+
+    @property
+    def unk(self) -> int:
+        return self._sp.unk_id()
+
+    def tokenize(self, text: str) -> list[int]:
+        return self._sp.encode(text)
+
+    def tokenize_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return self._sp.encode(list(texts))  # a list is encoded on SentencePiece's own threads
+
+    def detokenize(self, ids: Iterable[int]) -> str:
+        return self._sp.decode(_as_int_list(ids))
+
+
 def _build_hf(vocab_file: str | None, merge_file: str | None) -> AbstractTokenizer:
     return HFTokenizer(_require_file(vocab_file, "vocab_file", "HFTokenizer"))
 
@@ -185,6 +243,10 @@ def _build_gpt2(vocab_file: str | None, merge_file: str | None) -> AbstractToken
     )
 
 
+def _build_spm(vocab_file: str | None, merge_file: str | None) -> AbstractTokenizer:
+    return SPMTokenizer(_require_file(vocab_file, "vocab_file", "SPMTokenizer"))
+
+
 def _build_char(vocab_file: str | None, merge_file: str | None) -> AbstractTokenizer:
     return CharLevelTokenizer()
 
@@ -193,6 +255,14 @@ TOKENIZERS: dict[str, Callable[[str | None, str | None], AbstractTokenizer]] = {
     "HFTokenizer": _build_hf,
     "GPT2BPETokenizer": _build_gpt2,
     "CharLevelTokenizer": _build_char,
+    "SPMTokenizer": _build_spm,
+}
+# GPT-NeoX's other tokenizer types, refused with what to use instead.
+NOT_SUPPORTED = {
+    "HFGPT2Tokenizer": "use GPT2BPETokenizer with vocab_file (vocab.json) and merge_file (merges.txt), or "
+                       "HFTokenizer with a tokenizers JSON file",
+    "TiktokenTokenizer": "tiktoken fetches its vocabularies from the internet at first use; use HFTokenizer "
+                         "with a tokenizers JSON file of the same vocabulary",
 }
 
 
@@ -204,6 +274,8 @@ def build_tokenizer(
     Raises ValueError for an unknown type (listing the valid ones) and FileNotFoundError naming
     the path and its config key (vocab_file / merge_file) when a file is missing.
     """
+    if tokenizer_type in NOT_SUPPORTED:
+        raise ValueError(f"tokenizer_type {tokenizer_type!r} is not supported: {NOT_SUPPORTED[tokenizer_type]}")
     try:
         factory = TOKENIZERS[tokenizer_type]
     except KeyError:

@@ -49,7 +49,7 @@ CONVERT_ARGS = {"A": ["--max-shard-mb", "0.05"], "B": ["--keep-padding"]}  # A: 
                                 dict(bias_gelu_fusion=True, gpt_j_residual=True, no_weight_tying=True, rotary_pct=0.5)])
 def test_config_maps_both_ways_and_computes_the_same(kw):
     model = ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, intermediate_size=96, seq_length=32,
-                        max_position_embeddings=32, layernorm_epsilon=1e-6, **kw)
+                        max_position_embeddings=32, layernorm_epsilon=1e-6, pos_emb="rotary", **kw)
     assert hf_map.model_from_hf(hf_map.hf_config(model, 128, 96, 32)) == model
     ours = GPTModel(layer_defs(model, 128, 96, 32, seed=2)).eval()
     hf = hf_map.to_hf_model(model, ours, 128, 96, 32, "eager").eval()
@@ -118,8 +118,8 @@ def test_trained_checkpoint_gives_transformers_the_same_logits(trained, name, tm
 def test_gpt_neox_release_layout_converts(tmp_path):
     """GPT-NeoX's own files (TP2, 4 stages, 20B-era names, inv_freq, row-parallel biases as
     random shares that only their sum recovers) give transformers our model's logits."""
-    arch = dict(num_layers=2, hidden_size=64, num_attention_heads=4, seq_length=64, rotary_pct=0.25,
-                gpt_j_residual=True, no_weight_tying=True)
+    arch = dict(num_layers=2, hidden_size=64, num_attention_heads=4, seq_length=64, pos_emb="rotary",
+                rotary_pct=0.25, gpt_j_residual=True, no_weight_tying=True)
     ours = GPTModel(layer_defs(ModelConfig(**arch), 512, 256, 64, seed=11, vocab_size=VOCAB)).eval()
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():  # biases and norms start at 0 and 1: move them, or a wrong sum would pass
@@ -128,7 +128,7 @@ def test_gpt_neox_release_layout_converts(tmp_path):
                 p.add_(0.1 * torch.randn(p.shape, generator=gen))
     layers = {number: dict(module.state_dict()) for number, module in local_layers(ours)}
     write_neox_checkpoint(tmp_path / "neox", layers, {**arch, "tokenizer_type": "CharLevelTokenizer",
-                                                      "pos-emb": "rotary", "attention_config": [[["global"], 2]]})
+                                                      "attention_config": [[["global"], 2]]})
     assert convert_neox_to_hf.main(["--input", str(tmp_path / "neox"), "--output", str(tmp_path / "hf")]) == 0
     hf = transformers.GPTNeoXForCausalLM.from_pretrained(str(tmp_path / "hf"), attn_implementation="eager").eval()
     tokens = torch.randint(0, VOCAB, (2, 64), generator=gen)
@@ -202,7 +202,7 @@ def test_converted_model_finetunes_from_the_transformers_loss(hf_model, converte
     """`deepy.py train.py SAVE/model.yml data.yml` at TP2 x PP2: its first loss is transformers'
     loss on the same batch (the char-level ids of the data are all < 300, valid ids here)."""
     no_model_keys = dict.fromkeys(("num_layers", "hidden_size", "num_attention_heads", "rotary_pct", "gpt_j_residual",
-                                   "no_weight_tying", "tokenizer_type"))
+                                   "no_weight_tying", "tokenizer_type", "pos_emb", "pipe_parallel_size"))
     data = tiny_config(tmp_path, char_data, "ft", **no_model_keys, train_iters=1, eval_interval=100, save=None,
                        checkpoint_factor=None, zero_optimization={"stage": 1}, master_port=29303)
     proc = run_cli("deepy.py", "train.py", str(converted / "model.yml"), data)
@@ -210,7 +210,7 @@ def test_converted_model_finetunes_from_the_transformers_loss(hf_model, converte
     first = metrics(tmp_path / "ft" / "logs")[0]["lm_loss"]
 
     cfg = load_config([str(converted / "model.yml"), data], world_size=4, vocab_size=300)
-    train, _ = build_data(cfg)
+    train, _, _ = build_data(cfg)
     batch = torch.from_numpy(np.stack([train[i] for i in range(cfg.derived.train_batch_size)]).astype(np.int64))
     hf = transformers.GPTNeoXForCausalLM.from_pretrained(str(hf_model), attn_implementation="eager").eval()
     with torch.no_grad():
@@ -221,14 +221,15 @@ def test_converted_model_finetunes_from_the_transformers_loss(hf_model, converte
 
 
 def test_unusable_inputs_fail_in_one_line(hf_model, converted, tmp_path, capsys):
-    rms = ModelConfig(num_layers=1, hidden_size=64, num_attention_heads=4, seq_length=16, norm="rmsnorm")
+    rms = ModelConfig(pos_emb="rotary",
+                      num_layers=1, hidden_size=64, num_attention_heads=4, seq_length=16, norm="rmsnorm")
     layers = [(n, {k: v for k, v in m.state_dict().items() if not k.endswith("inv_freq")})
               for n, m in local_layers(GPTModel(layer_defs(rms, 128, 256, 16, seed=0)))]
     write_checkpoint(tmp_path / "rms", 3, layers, rms, 128, tp=1, pp=1)
     silu = tmp_path / "silu"
     transformers.GPTNeoXConfig(hidden_act="silu").save_pretrained(str(silu))
-    (tmp_path / "llama").mkdir()
-    (tmp_path / "llama" / "config.json").write_text('{"model_type": "llama"}')
+    (tmp_path / "bert").mkdir()
+    (tmp_path / "bert" / "config.json").write_text('{"model_type": "bert"}')
     out = str(tmp_path / "out")
     cases = [
         (convert_neox_to_hf, ["--input", str(tmp_path / "rms"), "--output", out],
@@ -239,8 +240,9 @@ def test_unusable_inputs_fail_in_one_line(hf_model, converted, tmp_path, capsys)
          f"{hf_model} exists and is not an empty directory; choose a new --output"),
         (convert_hf_to_neox, ["--input", str(silu), "--output", out, "--tp", "1", "--pp", "1"],
          "hidden_act 'silu': this framework has gelu (exact or tanh) and relu; this model cannot be converted"),
-        (convert_hf_to_neox, ["--input", str(tmp_path / "llama"), "--output", out, "--tp", "1", "--pp", "1"],
-         f"{tmp_path / 'llama' / 'config.json'}: model_type 'llama'; only gpt_neox (GPTNeoXForCausalLM) converts"),
+        (convert_hf_to_neox, ["--input", str(tmp_path / "bert"), "--output", out, "--tp", "1", "--pp", "1"],
+         f"{tmp_path / 'bert' / 'config.json'}: model_type 'bert'; GPTNeoXForCausalLM (gpt_neox) and "
+         "LlamaForCausalLM (llama, mistral) convert"),
         (convert_hf_to_neox, ["--input", str(hf_model), "--output", out, "--tp", "3", "--pp", "1"],
          "--tp 3 does not divide the 4 attention heads"),
         (convert_hf_to_neox, ["--input", str(tmp_path), "--output", out, "--tp", "1", "--pp", "1"],
@@ -249,4 +251,4 @@ def test_unusable_inputs_fail_in_one_line(hf_model, converted, tmp_path, capsys)
     for tool, argv, message in cases:
         assert tool.main(argv) == 2, message
         assert capsys.readouterr().err == f"error: {message}\n"
-    assert sorted(os.listdir(tmp_path)) == ["llama", "rms", "silu"]  # nothing half-written
+    assert sorted(os.listdir(tmp_path)) == ["bert", "rms", "silu"]  # nothing half-written

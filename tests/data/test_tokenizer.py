@@ -28,8 +28,17 @@ def test_unknown_type_and_missing_files(tmp_path):
     with pytest.raises(ValueError) as err:
         build_tokenizer("SentencePiece")
     assert str(err.value) == (
-        "unknown tokenizer_type 'SentencePiece'; valid types: HFTokenizer, GPT2BPETokenizer, CharLevelTokenizer"
+        "unknown tokenizer_type 'SentencePiece'; valid types: HFTokenizer, GPT2BPETokenizer, CharLevelTokenizer, "
+        "SPMTokenizer"
     )
+    # GPT-NeoX's two other types are named with what to use instead.
+    with pytest.raises(ValueError) as err:
+        build_tokenizer("HFGPT2Tokenizer", "gpt2.json")
+    assert str(err.value) == ("tokenizer_type 'HFGPT2Tokenizer' is not supported: use GPT2BPETokenizer with "
+                              "vocab_file (vocab.json) and merge_file (merges.txt), or HFTokenizer with a tokenizers "
+                              "JSON file")
+    with pytest.raises(ValueError, match="^tokenizer_type 'TiktokenTokenizer' is not supported: tiktoken fetches"):
+        build_tokenizer("TiktokenTokenizer", "cl100k_base")
     missing = str(tmp_path / "nope.json")
     with pytest.raises(FileNotFoundError) as err:
         build_tokenizer("HFTokenizer", missing)

@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Convert a checkpoint to a Hugging Face `GPTNeoXForCausalLM` directory, one layer at a time.
+"""Convert a checkpoint to a Hugging Face `GPTNeoXForCausalLM` directory, or `LlamaForCausalLM`
+for a Llama-shaped model (activation swiglu with rmsnorm), one layer at a time.
 
     python tools/ckpts/convert_neox_to_hf.py --input SAVE_DIR [--iteration N] [--config YML ...]
         --output HF_DIR [--dtype fp32|fp16|bf16] [--keep-padding] [--allow-unsafe]
@@ -12,8 +13,9 @@ tokenizer's (the one the config names, when its files exist), else the size our 
 stored, else the embedding's rows; padding rows are dropped unless --keep-padding.
 
 HF_DIR gets config.json, safetensors shards (layers are read, written and dropped one by one)
-and, for an HFTokenizer run, tokenizer.json and tokenizer_config.json. It opens offline with
-`GPTNeoXForCausalLM.from_pretrained(HF_DIR)` and `AutoTokenizer.from_pretrained(HF_DIR)`.
+and the tokenizer: for an HFTokenizer run tokenizer.json, for an SPMTokenizer run tokenizer.model
+(as transformers' LlamaTokenizer), each with tokenizer_config.json. It opens offline with
+`AutoModelForCausalLM.from_pretrained(HF_DIR)` and `AutoTokenizer.from_pretrained(HF_DIR)`.
 """
 
 from __future__ import annotations
@@ -30,16 +32,16 @@ from tqdm import tqdm
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir, os.pardir)))
 
-from megatron.checkpointing import hf, layout  # noqa: E402
+from megatron.checkpointing import hf, hf_llama, layout  # noqa: E402
 from megatron.checkpointing.errors import CheckpointError  # noqa: E402
 from megatron.checkpointing.loading import check_architecture  # noqa: E402
 from megatron.checkpointing.reader import MODEL_KEYS, CheckpointReader  # noqa: E402
 from megatron.config import ConfigError  # noqa: E402
+from megatron.config.config import mlp_width  # noqa: E402
 from megatron.config.loader import build_dataclass, merge_files  # noqa: E402
 from megatron.config.schema import ModelConfig  # noqa: E402
 from megatron.tokenizer import build_tokenizer  # noqa: E402
 from megatron.tokenizer.tokenizer import AbstractTokenizer  # noqa: E402
-
 
 
 def architecture(reader: CheckpointReader, configs: list[str]) -> tuple[ModelConfig, dict[str, Any]]:
@@ -75,11 +77,12 @@ def fresh_output(path: Path) -> Path:
 def write(reader: CheckpointReader, model: ModelConfig, tok: AbstractTokenizer | None, why: str,
           settings: dict[str, Any], tmp: Path, args: argparse.Namespace) -> tuple[int, list[str]]:
     """Weights, config and tokenizer files into `tmp`; returns (vocabulary rows, weight files)."""
+    llama = hf_llama.is_llama(model)
     vocab = tok.vocab_size if tok else reader.client.get("vocab_size")
     dtype = hf.DTYPES.get(args.dtype)
     shards = hf.SafetensorsShards(tmp, int(args.max_shard_mb * 2**20), dtype)
     for number in tqdm(reader.numbers, desc="layers", unit="layer", file=sys.stderr):
-        tensors = reader.layer(number, model.gpt_j_residual)
+        tensors = reader.layer(number, model.gpt_j_residual, model)
         for key in layout.VOCAB & tensors.keys():
             rows = tensors[key].shape[0]
             if vocab is not None and vocab > rows:
@@ -87,17 +90,21 @@ def write(reader: CheckpointReader, model: ModelConfig, tok: AbstractTokenizer |
             vocab = rows if args.keep_padding or vocab is None else vocab
             tensors[key] = layout.resize_vocab(key, tensors[key], vocab)
         dtype = dtype or next(iter(tensors.values())).dtype
-        shards.add(hf.to_hf_layer(number, tensors, model.num_layers))
+        shards.add(hf_llama.to_hf_layer(number, tensors, model) if llama
+                   else hf.to_hf_layer(number, tensors, model.num_layers))
         del tensors  # the next layer replaces it: memory holds about one layer (or one shard)
     files = shards.close()
     max_positions = model.max_position_embeddings or model.seq_length  # as NeoXConfig.derived
-    config = hf.hf_config(model, vocab, model.intermediate_size or 4 * model.hidden_size, max_positions,
-                          tok.eod if tok else None)
-    config.dtype, config.architectures = dtype, ["GPTNeoXForCausalLM"]
+    config = (hf_llama if llama else hf).hf_config(model, vocab, mlp_width(model), max_positions,
+                                                   tok.eod if tok else None)
+    config.dtype, config.architectures = dtype, ["LlamaForCausalLM" if llama else "GPTNeoXForCausalLM"]
     config.save_pretrained(str(tmp))
     if tok is not None and tok.name == "HFTokenizer":
         shutil.copyfile(settings["vocab_file"], tmp / "tokenizer.json")
         hf.write_tokenizer_config(tmp, tmp / "tokenizer.json", max_positions)
+    elif tok is not None and tok.name == "SPMTokenizer":
+        shutil.copyfile(settings["vocab_file"], tmp / "tokenizer.model")
+        hf_llama.write_spm_tokenizer_config(tmp, tok, max_positions)
     elif tok is not None:
         print(f"tokenizer: {tok.name} has no Hugging Face tokenizer files; none written (eos/bos id {tok.eod})")
     else:
@@ -108,7 +115,7 @@ def write(reader: CheckpointReader, model: ModelConfig, tok: AbstractTokenizer |
 def convert(args: argparse.Namespace) -> str:
     reader = CheckpointReader(args.input, args.iteration, args.allow_unsafe)
     model, settings = architecture(reader, args.config)
-    hf.check_expressible(model)  # first: what cannot be converted at all is the news
+    (hf_llama if hf_llama.is_llama(model) else hf).check_expressible(model)  # first: what cannot convert is the news
     check_architecture(reader, model)
     # The files decide tying: a tied checkpoint has one matrix, which HF can tie as well.
     model = dataclasses.replace(model, no_weight_tying=not reader.tied)
