@@ -31,11 +31,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
-from bench_train_vs_hf import batch_for, hf_loss, model_loss, our_model  # noqa: E402
+from bench_train_vs_hf import batch_for, hf_loss, model_loss, our_model, torch_adamw  # noqa: E402
 from megatron.checkpointing.hf_llama import to_hf_model  # noqa: E402
 from megatron.config import load_config  # noqa: E402
 from megatron.model.loss import loss_function  # noqa: E402
-from megatron.training.optimizer import build_optimizer, param_groups  # noqa: E402
+from megatron.training.optimizer import build_optimizer  # noqa: E402
 from step_timing import Impl, manual_step, measured_step  # noqa: E402
 
 
@@ -58,14 +58,6 @@ def write_config(args: argparse.Namespace, directory: str) -> str:
     with open(path, "w") as f:
         yaml.safe_dump(values, f)
     return path
-
-
-def torch_adamw(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
-    """What a transformers training script builds: torch's AdamW with its default kernel, our
-    parameter groups and hyper-parameters."""
-    params = cfg.optimizer.optimizer.params
-    return torch.optim.AdamW(param_groups(model, cfg.optimizer.weight_decay), lr=cfg.derived.lr,
-                             betas=tuple(params.betas), eps=params.eps)
 
 
 def build(args: argparse.Namespace, cfg) -> list[Impl]:

@@ -68,11 +68,21 @@ def embedding_and_cross_entropy(rank: int, world: int) -> None:
 
 def whole_model_gradients(rank: int, world: int, parallel_residual: bool, sequence_parallel: bool) -> None:
     """Forward loss and every parameter's gradient of the TP model equal the dense model's."""
-    groups = ParallelGroups(1, world, 1, sequence_parallel)
     m = ModelConfig(pos_emb="rotary",
                     num_layers=2, hidden_size=32, num_attention_heads=4, seq_length=16, rotary_pct=0.5,
                     gpt_j_residual=parallel_residual, no_weight_tying=False)
-    models = [GPTModel(layer_defs(m, 64, 128, 16, seed=5, tp=t)) for t in (groups.tensor, SINGLE)]
+    _tp_model_matches_dense(world, m, 128, None, sequence_parallel)
+
+
+def _tp_model_matches_dense(world: int, m: ModelConfig, ffn: int, vocab_size: int | None,
+                            sequence_parallel: bool) -> None:
+    """The TP model's loss equals one process's, and every gradient, its shards merged as
+    checkpoints merge them (block by block for fused gated / grouped-query tensors), too."""
+    from megatron.checkpointing import layout
+
+    groups = ParallelGroups(1, world, 1, sequence_parallel)
+    models = [GPTModel(layer_defs(m, 64, ffn, 16, seed=5, tp=t, vocab_size=vocab_size))
+              for t in (groups.tensor, SINGLE)]
     tokens = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(4))
     labels = tokens.roll(-1, dims=1)
     losses = [lm_loss(model(tokens), labels, t) for model, t in zip(models, (groups.tensor, SINGLE))]
@@ -83,8 +93,10 @@ def whole_model_gradients(rank: int, world: int, parallel_residual: bool, sequen
     for name, p in models[0].named_parameters():
         g = p.grad
         if getattr(p, "tp_sharded", False):
-            dim = 1 if name.endswith("dense.weight") or name.endswith("dense_4h_to_h.weight") else 0
-            g = _gather(g, dim, groups.tensor)
+            parts = [torch.empty_like(g) for _ in range(world)]
+            dist.all_gather(parts, g.contiguous(), group=groups.tensor.group)
+            key = name.split(".", 2)[2]  # "layers.3.mlp.dense_h_to_4h.weight" -> the layer's own key
+            g = layout.merge(key, parts, layout.REPLICATED, m)
         torch.testing.assert_close(g, dense[name].grad, **TOL, msg=lambda s: f"{name}: {s}")
 
 
@@ -144,24 +156,5 @@ def llama_config(kv_heads: int | None, **kw) -> ModelConfig:
 
 def llama_gradients(rank: int, world: int, kv_heads: int | None, sequence_parallel: bool) -> None:
     """A Llama-shaped TP model (gated MLP, grouped-query attention when kv_heads < heads) gives one
-    process's loss and, merged block by block as checkpoints merge, every gradient."""
-    from megatron.checkpointing import layout
-
-    groups = ParallelGroups(1, world, 1, sequence_parallel)
-    m = llama_config(kv_heads)
-    models = [GPTModel(layer_defs(m, 64, 96, 16, seed=5, tp=t, vocab_size=64)) for t in (groups.tensor, SINGLE)]
-    tokens = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(4))
-    labels = tokens.roll(-1, dims=1)
-    losses = [lm_loss(model(tokens), labels, t) for model, t in zip(models, (groups.tensor, SINGLE))]
-    torch.testing.assert_close(losses[0], losses[1], **TOL)
-    for loss in losses:
-        loss.backward()
-    dense = dict(models[1].named_parameters())
-    for name, p in models[0].named_parameters():
-        g = p.grad
-        if getattr(p, "tp_sharded", False):
-            parts = [torch.empty_like(g) for _ in range(world)]
-            dist.all_gather(parts, g.contiguous(), group=groups.tensor.group)
-            key = name.split(".", 2)[2]  # "layers.3.mlp.dense_h_to_4h.weight" -> the layer's own key
-            g = layout.merge(key, parts, layout.REPLICATED, m)
-        torch.testing.assert_close(g, dense[name].grad, **TOL, msg=lambda s: f"{name}: {s}")
+    process's loss and every gradient."""
+    _tp_model_matches_dense(world, llama_config(kv_heads), 96, 64, sequence_parallel)
