@@ -15,6 +15,7 @@ from pathlib import Path
 
 from megatron.config import ConfigError, NeoXConfig, load_config
 from megatron.launcher.dry_run import report
+from megatron.launcher.cli import add_options, as_arguments, given
 from megatron.launcher.environment import node_layout
 from megatron.launcher.launch import launch, plan_launch
 from megatron.config.validate import check_launchable
@@ -36,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("script", help="the worker script, e.g. train.py")
     parser.add_argument("-d", "--conf_dir", help="directory the config files are in")
     parser.add_argument("configs", nargs="+", help="YAML config files, merged left to right")
+    add_options(parser)
     args = parser.parse_args(argv)
     if args.conf_dir:
         args.configs = [str(Path(args.conf_dir) / c) for c in args.configs]
@@ -43,18 +45,21 @@ def main(argv: list[str] | None = None) -> int:
         # Data files are training's: generate.py and tools launched the same way do not read them.
         needs_data = Path(args.script).name == "train.py" and not args.dry_run
         nodes, per_node = node_layout(args.configs)
-        cfg = load_config(args.configs, world_size=nodes * per_node, num_nodes=nodes, require_files=needs_data)
+        cli = given(args)
+        cfg = load_config(args.configs, world_size=nodes * per_node, num_nodes=nodes, require_files=needs_data,
+                          cli=cli)
         for override in cfg.overrides:
             print(f"override {override}")
         if args.dry_run:
             print(report(cfg))
-            print(commands(cfg, args.script, args.configs))
+            print(commands(cfg, args.script, args.configs + as_arguments(cli)))
             return 0
         check_launchable(cfg)
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
-    return launch(cfg, args.script, args.configs)
+    # The command-line keys follow the config files on every worker's command line (launcher/cli.py).
+    return launch(cfg, args.script, args.configs + as_arguments(cli))
 
 
 if __name__ == "__main__":

@@ -9,15 +9,15 @@ import sys
 from megatron.checkpointing.checkpoint import CheckpointError
 from megatron.config import ConfigError
 from megatron.data.indexed_dataset import IndexedDatasetError
+from megatron.launcher.cli import split_worker_argv
 from megatron.training.loop import TrainingError, pretrain
 from megatron.training.setup import lost_another_rank, worker_config
 
 
 def main(argv: list[str]) -> int:
-    # DeepSpeed's launcher passes --local_rank=N; the rank is also in the environment.
-    configs = [a for a in argv if not a.startswith("--local_rank")]
+    configs, cli = split_worker_argv(argv)
     try:
-        cfg, _ = worker_config(configs)
+        cfg, _ = worker_config(configs, cli)
         pretrain(cfg)
     except (ConfigError, CheckpointError, IndexedDatasetError, TrainingError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr, flush=True)

@@ -19,6 +19,7 @@ from megatron.config.neox_only import NeoXOnlyConfig, check_neox_only, check_sec
 from megatron.config.schema import (
     CheckpointConfig,
     DataConfig,
+    EvaluationConfig,
     GenerationConfig,
     LauncherConfig,
     LoggingConfig,
@@ -29,8 +30,8 @@ from megatron.config.schema import (
     ParallelConfig,
     TrainingConfig,
 )
-from megatron.config.validate import (check_files, check_generation, check_model, check_optimizer, check_precision,
-                                      check_training)
+from megatron.config.validate import (check_evaluation, check_files, check_generation, check_model, check_optimizer,
+                                      check_precision, check_training)
 from megatron.tokenizer.tokenizer import pad_vocab_size
 
 
@@ -72,6 +73,7 @@ class NeoXConfig:
     logging: LoggingConfig
     launcher: LauncherConfig
     generation: GenerationConfig
+    evaluation: EvaluationConfig
     neox: NeoXOnlyConfig  # type: ignore[valid-type]  # built from neox_only.TABLE
     derived: Derived
     config_files: tuple[str, ...]
@@ -81,7 +83,7 @@ class NeoXConfig:
         """Flat GPT-NeoX-style dict of every key (for wandb and the saved run config)."""
         flat: dict[str, Any] = {}
         for group in ("model", "parallel", "optimizer", "lr", "data", "training",
-                      "checkpoint", "logging", "launcher", "generation", "neox"):
+                      "checkpoint", "logging", "launcher", "generation", "evaluation", "neox"):
             flat.update(dataclasses.asdict(getattr(self, group)))
         flat.update({f"derived.{k}": v for k, v in dataclasses.asdict(self.derived).items()})
         return flat
@@ -254,6 +256,7 @@ def load_config(
     num_nodes: int | None = None,
     require_files: bool = True,
     vocab_size: int | None = None,
+    cli: dict[str, Any] | None = None,
 ) -> NeoXConfig:
     """Merge YAML files, derive, validate.
 
@@ -263,8 +266,9 @@ def load_config(
     num_nodes x (num_gpus, else model_parallel_size x pipe stages), for tools that only plan.
     require_files: check that data and tokenizer files exist (False for planning, e.g. --dry-run).
     vocab_size: the tokenizer's size when the caller has already loaded it.
+    cli: keys given on the command line (deepy.py's --eval_tasks); they override the files.
     """
-    values, origin, overrides = merge_files(paths)
+    values, origin, overrides = merge_files(paths, cli)
     groups = check_optimizer(split_into_groups(values, origin))
     check_neox_only(groups)
     if require_files:
@@ -280,6 +284,7 @@ def load_config(
     check_precision(groups["optimizer"], groups["parallel"], derived)
     check_training(groups["training"], groups["parallel"], groups["lr"])
     check_generation(groups["generation"])
+    check_evaluation(groups["evaluation"])
     return NeoXConfig(
         **groups, derived=derived,
         config_files=tuple(str(Path(p)) for p in paths), overrides=tuple(overrides),

@@ -98,8 +98,9 @@ def read_yaml(path: str | Path) -> dict:
     return _normalize(tree)
 
 
-def merge_files(paths: list[str]) -> tuple[dict, dict[str, str], list[Override]]:
-    """Merge YAML files left to right. Returns (values, file each key came from, overrides)."""
+def merge_files(paths: list[str], cli: dict[str, Any] | None = None) -> tuple[dict, dict[str, str], list[Override]]:
+    """Merge YAML files left to right, then the command line's keys. Returns (values, file each
+    key came from, overrides)."""
     merged: dict = {}
     origin: dict[str, str] = {}
     overrides: list[Override] = []
@@ -123,6 +124,7 @@ def merge_files(paths: list[str]) -> tuple[dict, dict[str, str], list[Override]]
 
     for path in paths:
         merge_into(merged, read_yaml(path), "", str(path))
+    merge_into(merged, _normalize(cli or {}), "", "the command line")
     return merged, origin, overrides
 
 

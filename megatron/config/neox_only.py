@@ -172,8 +172,6 @@ TABLE: dict[str, tuple[Any, Any, str, str]] = {
     "profile_backward": (bool, False, HINT, _NOP + " (NVTX ranges of the backward pass)."),
     "precompute_model_name": (str | None, None, OFF, "precomputed logits for distillation"),
     "return_logits": (bool, False, OFF, "returning logits from generation"),
-    "eval_results_prefix": (str, "", HINT, "Used by GPT-NeoX's evaluate.py, which this framework does not have."),
-    "eval_tasks": (list | None, None, HINT, "Used by GPT-NeoX's evaluate.py, which this framework does not have."),
     # DeepSpeed blocks and runner
     "scheduler": (dict | None, None, OFF, "DeepSpeed's scheduler block (lr_decay_style sets the schedule)"),
     "amp": (dict | None, None, OFF, "apex AMP (use fp16/bf16)"),

