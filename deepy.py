@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         nodes, per_node = node_layout(args.configs)
         cli = given(args)
         cfg = load_config(args.configs, world_size=nodes * per_node, num_nodes=nodes, require_files=needs_data,
-                          cli=cli)
+                          cli=cli, training=Path(args.script).name == "train.py")
         for override in cfg.overrides:
             print(f"override {override}")
         if args.dry_run:

@@ -2,9 +2,10 @@
 
     python tools/plot_metrics.py LOG_DIR_or_metrics.jsonl [-o out.png]
 
-Panels: train and validation loss, learning rate, grad norm, tokens/s; a panel whose
-metric never appears is left out. When a resumed run logged an iteration again, the
-record written last wins, so the curve shows the history the final model actually has.
+Panels: train and validation loss, learning rate, grad norm, tokens/s, and the eval_tasks'
+accuracies and perplexities; a panel whose metric never appears is left out. When a resumed
+run logged an iteration again, the record written last wins, so the curve shows the history
+the final model actually has.
 Exit status 2 when the file is missing or holds no train records.
 """
 
@@ -71,6 +72,14 @@ def _series(records: dict[int, dict], key: str) -> tuple[list[int], list[float]]
     return xs, ys
 
 
+def _task_panels(records: dict[int, dict]) -> list[tuple[str, list[tuple[str, str, str]], bool]]:
+    """eval_tasks records: accuracies in one panel, perplexities (log scale) in another."""
+    keys = sorted({k for r in records.values() for k in r if "/" in k})
+    acc = [("tasks", k, k) for k in keys if k.rsplit("/", 1)[1] in ("acc", "acc_norm")]
+    ppl = [("tasks", k, k) for k in keys if k.rsplit("/", 1)[1] == "perplexity"]
+    return [("eval tasks: accuracy", acc, False), ("eval tasks: perplexity", ppl, True)]
+
+
 def plot(by_type: dict[str, dict[int, dict]], title: str, out_path: str) -> int:
     """Draw the panels that have data into out_path; returns how many were drawn."""
     # Imported here, not at the top, so that bad input is reported without the ~2 s
@@ -81,7 +90,7 @@ def plot(by_type: dict[str, dict[int, dict]], title: str, out_path: str) -> int:
     import matplotlib.pyplot as plt
 
     panels = []
-    for panel_title, lines, log_y in _PANELS:
+    for panel_title, lines, log_y in _PANELS + _task_panels(by_type.get("tasks", {})):
         data = []
         for kind, key, label in lines:
             xs, ys = _series(by_type.get(kind, {}), key)
@@ -94,8 +103,8 @@ def plot(by_type: dict[str, dict[int, dict]], title: str, out_path: str) -> int:
     fig, axes = plt.subplots(rows, columns, figsize=(6 * columns, 3.8 * rows), squeeze=False)
     for ax, (panel_title, data, log_y) in zip(axes.flat, panels):
         for label, xs, ys in data:
-            # Eval points are sparse: markers keep a single one visible.
-            ax.plot(xs, ys, label=label, marker="o" if label == "validation" else None, markersize=3)
+            sparse = label == "validation" or "/" in label  # evaluations: a marker keeps one point visible
+            ax.plot(xs, ys, label=label, marker="o" if sparse else None, markersize=3)
         ax.set_title(panel_title)
         ax.set_xlabel("iteration")
         ax.grid(True, alpha=0.3)

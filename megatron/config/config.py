@@ -190,6 +190,15 @@ def _precision(opt: OptimizerConfig) -> str:
     raise ConfigError(f"precision {opt.precision!r} disagrees with the fp16/bf16 blocks ({derived or 'fp32'!r})")
 
 
+def _untrained_defaults(training: TrainingConfig) -> TrainingConfig:
+    t = training
+    if t.train_batch_size is None and t.train_micro_batch_size_per_gpu is None and t.gradient_accumulation_steps is None:
+        t = dataclasses.replace(t, train_micro_batch_size_per_gpu=1)
+    if t.train_iters is None and t.train_tokens is None:
+        t = dataclasses.replace(t, train_iters=1)
+    return t
+
+
 def derive(groups: dict[str, Any], world_size: int, vocab_size: int | None, num_nodes: int) -> Derived:
     model: ModelConfig = groups["model"]
     parallel: ParallelConfig = groups["parallel"]
@@ -257,6 +266,7 @@ def load_config(
     require_files: bool = True,
     vocab_size: int | None = None,
     cli: dict[str, Any] | None = None,
+    training: bool = True,
 ) -> NeoXConfig:
     """Merge YAML files, derive, validate.
 
@@ -267,10 +277,14 @@ def load_config(
     require_files: check that data and tokenizer files exist (False for planning, e.g. --dry-run).
     vocab_size: the tokenizer's size when the caller has already loaded it.
     cli: keys given on the command line (deepy.py's --eval_tasks); they override the files.
+    training: False for scripts that do not train (eval.py, generate.py): a config without batch
+    keys then has a micro-batch of 1, and one without train_iters or train_tokens 1 iteration.
     """
     values, origin, overrides = merge_files(paths, cli)
     groups = check_optimizer(split_into_groups(values, origin))
     check_neox_only(groups)
+    if not training:
+        groups["training"] = _untrained_defaults(groups["training"])
     if require_files:
         check_files(groups["data"])
     nodes = num_nodes or groups["launcher"].num_nodes

@@ -51,7 +51,7 @@ def task_metrics(results: dict[str, Any]) -> dict[str, float]:
     for task, values in results["results"].items():
         for key, value in values.items():
             metric, _, flt = key.partition(",")
-            if key == "alias" or "_stderr" in metric or not isinstance(value, (int, float)):
+            if key in ("alias", "sample_len") or "_stderr" in metric or not isinstance(value, (int, float)):
                 continue
             flat[f"{task}/{metric}" + ("" if flt in ("", "none") else f"_{flt}")] = float(value)
     return flat
@@ -126,7 +126,7 @@ def write_results(results: dict[str, Any], prefix: str) -> tuple[str, str]:
 
 def run(argv: list[str]) -> None:
     configs, cli = split_worker_argv(argv)
-    cfg, tok = worker_config(configs, cli, require_files=False)
+    cfg, tok = worker_config(configs, cli, training=False)
     ev = cfg.evaluation
     if not ev.eval_tasks:
         raise ConfigError("set eval_tasks (in a config file, or `--eval_tasks lambada_openai piqa ...` after the "

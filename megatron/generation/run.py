@@ -36,7 +36,7 @@ Record = dict[str, object]
 
 def generation_config(paths: list[str]) -> tuple[NeoXConfig, AbstractTokenizer]:
     """The config and tokenizer, without the training data files (generation reads none)."""
-    layout = dict(world_size=world_size(), num_nodes=node_layout(paths)[0])  # as the launcher started us
+    layout = dict(world_size=world_size(), num_nodes=node_layout(paths)[0], training=False)  # as launched
     cfg = load_config(paths, require_files=False, **layout)
     tok = config_tokenizer(cfg)
     if cfg.generation.text_gen_type is None:

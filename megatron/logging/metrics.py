@@ -1,6 +1,6 @@
 """One place where training and evaluation metrics go out: console, jsonl, TensorBoard, wandb.
 
-The training loop hands plain dicts to `MetricsLogger.log_train` / `log_eval` and never
+The training loop hands plain dicts to `MetricsLogger.log_train` / `log_eval` / `log_tasks` and never
 branches on which backends are on: that is decided once, in the constructor.
 
 Metric keys the console line knows (others are shown after them with a generic format):
@@ -175,6 +175,15 @@ class MetricsLogger:
             values["lm_loss_ppl"] = math.exp(min(loss, _MAX_LOSS_FOR_PPL)) if math.isfinite(loss) else loss
         line = f" {split} loss at iteration {iteration:8d} |" + _format_fields(values, _EVAL_FIELDS)
         self._emit("eval" if split == "validation" else split, iteration, values, line)
+        return line
+
+    def log_tasks(self, iteration: int, metrics: dict[str, float]) -> str:
+        """Record lm-evaluation-harness metrics ("piqa/acc", "lambada_openai/perplexity", ...) as
+        a record of type "tasks"; TensorBoard and wandb get them as tasks/piqa/acc and so on."""
+        values = {key: _to_number(value) for key, value in metrics.items()}
+        line = f" eval tasks at iteration {iteration:8d} |" + "".join(
+            f" {key} {value:.4g} |" for key, value in values.items())
+        self._emit("tasks", iteration, values, line)
         return line
 
     def _emit(self, kind: str, iteration: int, values: dict[str, int | float], line: str) -> None:

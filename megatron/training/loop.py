@@ -48,6 +48,12 @@ def evaluate(run: RunState, iteration: int, dataset: Any, split: str) -> float |
     return loss
 
 
+def evaluate_tasks(run: RunState, iteration: int) -> None:
+    """The eval_tasks (lm-evaluation-harness), logged as records of type "tasks"."""
+    if run.tasks is not None:
+        run.logger.log_tasks(iteration, run.tasks())
+
+
 def _log(run: RunState, iteration: int, stats: IntervalStats) -> None:
     d = run.cfg.derived
     elapsed = time.perf_counter() - stats.start
@@ -113,6 +119,7 @@ def train(run: RunState) -> list[float]:
             _log(run, iteration, stats)
         if cfg.training.eval_interval and iteration % cfg.training.eval_interval == 0:
             evaluate(run, iteration, run.valid, "validation")
+            evaluate_tasks(run, iteration)
             stats.start = time.perf_counter()  # eval time is not training throughput
         if ck.save and iteration in save_iters:
             save()
@@ -125,6 +132,7 @@ def train(run: RunState) -> list[float]:
             return losses
     if not (cfg.training.eval_interval and iteration % cfg.training.eval_interval == 0):
         evaluate(run, iteration, run.valid, "validation")
+        evaluate_tasks(run, iteration)
     if ck.save and last_saved != iteration:
         save()
     if iteration == d.train_iters:  # GPT-NeoX's do_test: the test split once, at the end of training

@@ -104,10 +104,12 @@ def config_tokenizer(cfg: NeoXConfig) -> AbstractTokenizer:
 
 
 def worker_config(paths: list[str], cli: dict[str, Any] | None = None,
-                  require_files: bool = True) -> tuple[NeoXConfig, AbstractTokenizer]:
+                  training: bool = True) -> tuple[NeoXConfig, AbstractTokenizer]:
     """The config as this process sees it: world size from the launcher, vocab from the tokenizer.
-    cli: the keys deepy.py was given on its command line (megatron/launcher/cli.py)."""
-    layout = dict(world_size=world_size(), num_nodes=node_layout(paths)[0], require_files=require_files, cli=cli)
+    cli: the keys deepy.py was given on its command line (megatron/launcher/cli.py). A worker that
+    does not train reads no data files (load_config's `training`)."""
+    layout = dict(world_size=world_size(), num_nodes=node_layout(paths)[0], require_files=training, cli=cli,
+                  training=training)
     tok = config_tokenizer(load_config(paths, **layout))
     cfg = load_config(paths, vocab_size=tok.vocab_size, **layout)
     check_launchable(cfg)
@@ -128,6 +130,7 @@ class RunState:
     peak_flops: float
     load_plan: LoadPlan | None  # what `load` holds and how it is loaded
     mask_token: int | None  # eod_mask_loss: positions whose input is this token are left out of the loss
+    tasks: Any = None  # eval_tasks: megatron.evaluation.run.TaskEvaluator, called every eval_interval
 
     def print(self, text: str) -> None:
         if not dist.is_initialized() or dist.get_rank() == 0:
@@ -210,5 +213,12 @@ def build_run(cfg: NeoXConfig) -> RunState:
                           gated=m.activation in GATED_ACTIVATIONS,
                           kv_hidden_size=d.num_kv_heads * m.hidden_size // m.num_attention_heads)
     peak = device_peak_flops(device, DTYPES[d.precision])
-    mask_token = config_tokenizer(cfg).eod if cfg.training.eod_mask_loss else None
-    return RunState(cfg, stepper, scheduler, train, valid, test, logger, dp_rank, fpt, peak, load_plan, mask_token)
+    tok = config_tokenizer(cfg)
+    mask_token = tok.eod if cfg.training.eod_mask_loss else None
+    tasks = None
+    if cfg.evaluation.eval_tasks:
+        from megatron.evaluation.run import TaskEvaluator  # imports lm_eval: only runs with eval tasks do
+
+        tasks = TaskEvaluator(cfg, tok, stepper.engine.module, groups)
+    return RunState(cfg, stepper, scheduler, train, valid, test, logger, dp_rank, fpt, peak, load_plan, mask_token,
+                    tasks)
