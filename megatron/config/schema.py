@@ -330,8 +330,8 @@ class EvaluationConfig:
         "winogrande) that eval.py evaluates; during training they are also evaluated every eval_interval "
         "iterations. `python deepy.py eval.py CONFIG.yml --eval_tasks piqa ...` sets them on the command line.")
     eval_results_prefix: str = doc(
-        "", "eval.py writes PREFIX_results.json (the harness's results) and PREFIX_samples.jsonl (every "
-        "request's document, arguments and model response); empty: eval_results_results.json and so on.")
+        "", "eval.py writes PREFIX_eval_results_DATE.json (the harness's results, GPT-NeoX's name) and "
+        "PREFIX_eval_samples_DATE.jsonl (every request's document, arguments and response); empty: no PREFIX_.")
     eval_tasks_limit: int | None = doc(
         None, "Documents per task, the first ones (the harness's --limit); unset: all. Keeps the evaluation "
         "during training cheap.")

@@ -125,6 +125,11 @@ def load_documents(folder: str, name: str):  # -> datasets.Dataset
         raise EvalTaskError(f"eval task {name}: cannot read {folder}: {err}; run `{PREPARE_COMMAND} --force`") from None
 
 
+def _marker(data_dir: str, name: str) -> dict:
+    with open(os.path.join(task_dir(data_dir, name), MARKER), encoding="utf-8") as f:
+        return json.load(f)
+
+
 def prepare_eval_tasks(data_dir: str, names: list[str] | None = None, source: str | None = None,
                        force: bool = False, log: Callable[[str], None] = print) -> dict[str, int]:
     """Put each task's documents in DATA_DIR/<task>/; reuses prepared ones unless `force`.
@@ -133,8 +138,7 @@ def prepare_eval_tasks(data_dir: str, names: list[str] | None = None, source: st
     if unknown_tasks(names):
         raise EvalTaskError(f"unknown eval task(s) {', '.join(unknown_tasks(names))}; known: {', '.join(TASKS)}")
     todo = [n for n in names if force or not os.path.isfile(os.path.join(task_dir(data_dir, n), MARKER))]
-    counts = {n: json.load(open(os.path.join(task_dir(data_dir, n), MARKER)))["documents"]
-              for n in names if n not in todo}
+    counts = {n: _marker(data_dir, n)["documents"] for n in names if n not in todo}
     if not todo:
         return counts
     with tempfile.TemporaryDirectory(prefix="eval-tasks-") as tmp:

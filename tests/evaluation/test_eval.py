@@ -114,6 +114,8 @@ def test_requests_score_as_the_hf_backend(models, reference, tasks_dir, tmp_path
             requests += 1
     # Every request of every task: one per LAMBADA document, two per PIQA one, four per HellaSwag one...
     assert requests == sum(len(r) for (task, _), r in reference["responses"].items() if task in tasks) >= 7 * LIMIT
+    print(f"{requests} requests, largest log-likelihood difference {worst:.1e}, log-likelihoods "
+          f"{min(v[0] for r in ours.values() for v in r):.1f} to {max(v[0] for r in ours.values() for v in r):.1f}")
     assert worst < 1e-4, worst
     results = json.loads(Path(results_path).read_text())["results"]
     for task in tasks:
