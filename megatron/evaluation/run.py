@@ -35,11 +35,12 @@ BOOTSTRAP_ITERS = 10_000
 
 
 def harness_model(cfg: NeoXConfig, tok: AbstractTokenizer, module: nn.Module, groups: ParallelGroups,
-                  progress: bool) -> Any:
+                  progress: bool, lockstep: bool = False) -> Any:
+    """lockstep: the module is a ZeRO-3 engine's, whose forwards gather parameters across replicas."""
     from megatron.evaluation.harness import NeoXLM  # imports lm_eval: only runs with eval tasks do
 
     d, ev = cfg.derived, cfg.evaluation
-    replica = Replica(module, groups.tensor, groups.dp_rank, groups.dp_size, lockstep=d.zero_stage == 3)
+    replica = Replica(module, groups.tensor, groups.dp_rank, groups.dp_size, lockstep=lockstep)
     return NeoXLM(replica, tok, d.vocab_size, d.max_position_embeddings,
                   ev.eval_tasks_batch_size or d.micro_batch_size, cfg.training.seed, progress=progress)
 
@@ -71,7 +72,7 @@ class TaskEvaluator:
 
         ev = cfg.evaluation
         self.names, self.limit = ev.eval_tasks, ev.eval_tasks_limit
-        self.lm = harness_model(cfg, tok, module, groups, progress=False)
+        self.lm = harness_model(cfg, tok, module, groups, progress=False, lockstep=cfg.derived.zero_stage == 3)
         self.tasks = load_tasks(self.names, ev.eval_tasks_dir)  # read once; requests are rebuilt each time
 
     def __call__(self) -> dict[str, float]:

@@ -232,3 +232,18 @@ def test_tasks_during_training_at_tp2_pp2_match_eval_py(tmp_path, char_data, tas
     png = tmp_path / "metrics.png"
     proc = run_cli("tools/plot_metrics.py", str(tmp_path / "loop" / "logs"), "-o", str(png))
     assert proc.returncode == 0 and png.read_bytes().startswith(b"\x89PNG")
+
+
+@pytest.mark.slow
+def test_tasks_during_training_with_zero3_replicas(tmp_path, char_data, tasks_dir):
+    """Two data-parallel replicas at ZeRO stage 3 without a pipeline: 10 PIQA requests in
+    batches of 4 are 3 batches, so one replica runs an extra forward to keep the parameter
+    gathers in step; each replica's scores reach every rank."""
+    cfg = tiny_config(tmp_path, char_data, "z3", pipe_parallel_size=0, num_gpus=2, zero_optimization={"stage": 3},
+                      eval_tasks=["piqa"], eval_tasks_limit=5, eval_tasks_dir=tasks_dir, max_position_embeddings=512,
+                      train_iters=6, eval_interval=3)
+    proc = run_cli("deepy.py", "train.py", cfg)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    records = metrics(tmp_path / "z3" / "logs", "tasks")
+    assert [r["iteration"] for r in records] == [3, 6]
+    assert all(r["piqa/acc"] * 5 == round(r["piqa/acc"] * 5) for r in records)
