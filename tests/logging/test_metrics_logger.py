@@ -82,6 +82,17 @@ def test_eval_line_and_perplexity(tmp_path):
     assert capped == " validation loss at iteration      101 | lm loss 5.0000E+01 | PPL 4.8517E+08 |"
 
 
+def test_task_line_and_records(tmp_path):
+    with make_logger(tmp_path) as logger:
+        line = logger.log_tasks(200, {"lambada_openai/perplexity": 41.234, "lambada_openai/acc": 0.3125,
+                                      "piqa/acc": 0.6})
+    assert line == (" eval tasks at iteration      200 | lambada_openai/perplexity 41.23 | lambada_openai/acc 0.3125 |"
+                    " piqa/acc 0.6 |")
+    [record] = [json.loads(r) for r in (tmp_path / "logs" / "metrics.jsonl").read_text().splitlines()]
+    assert (record["type"], record["iteration"], record["piqa/acc"], record["lambada_openai/acc"]) == \
+        ("tasks", 200, 0.6, 0.3125)
+
+
 def test_jsonl_records_and_resume_appends(tmp_path):
     start = time.time()
     with make_logger(tmp_path) as logger:
@@ -164,6 +175,7 @@ def test_wandb_offline_run(tmp_path, monkeypatch, capsys):
     logger.log_train(1, {"lm_loss": 3.0})
     logger.log_eval(1, {"lm_loss": 2.0})
     logger.log_eval(1, {"lm_loss": 2.5}, "test")
+    logger.log_tasks(1, {"piqa/acc": 0.5})
     logger.close()
     assert wandb.run is None
 
@@ -173,7 +185,7 @@ def test_wandb_offline_run(tmp_path, monkeypatch, capsys):
     # The record file is protobuf in a log: strings appear verbatim. wandb 0.31's finish() can
     # return before its service process has written the records (the file then holds only its
     # 7-byte header for a moment), so wait for them.
-    needles = (b"train/lm_loss", b"eval/lm_loss_ppl", b"test/lm_loss", b"hidden_size", b"group-a", b"neox-test",
+    needles = (b"train/lm_loss", b"eval/lm_loss_ppl", b"test/lm_loss", b"tasks/piqa/acc", b"hidden_size", b"group-a", b"neox-test",
                b"team-x", b"pythia-run-7")
     deadline = time.monotonic() + 30
     while True:
