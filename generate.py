@@ -10,11 +10,11 @@ import sys
 from megatron.checkpointing.errors import CheckpointError
 from megatron.config import ConfigError
 from megatron.generation.run import run
+from megatron.launcher.cli import split_worker_argv
 
 
 def main(argv: list[str]) -> int:
-    # DeepSpeed's launcher passes --local_rank=N; the rank is also in the environment.
-    configs = [a for a in argv if not a.startswith("--local_rank")]
+    configs, _ = split_worker_argv(argv)  # deepy.py's --eval_tasks means nothing to generation
     try:
         run(configs)
     except (ConfigError, CheckpointError, FileNotFoundError) as err:
