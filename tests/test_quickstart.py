@@ -73,5 +73,7 @@ def test_readme_default_run(tmp_path):
     # 500 documents: chance is 0.5 with a stderr of 0.022; a 150-step model is near it.
     assert 0.4 < piqa["acc,none"] < 0.6 and 0.4 < piqa["acc_norm,none"] < 0.6
     assert 0 <= lambada["acc,none"] < 0.05
-    assert 1e2 < lambada["perplexity,none"] < 1e9
+    # The model has read Python code only: English last words are far from its guesses (measured
+    # 2.3e10), but the perplexity is finite.
+    assert 1e3 < lambada["perplexity,none"] < 1e14
     assert "|lambada_openai" in proc.stdout and "|piqa" in proc.stdout

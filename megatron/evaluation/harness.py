@@ -5,7 +5,9 @@ continuation exactly as its `hf` backend does, and this class scores the token i
 
 - `_loglikelihood_tokens`: the input is context + continuation minus its last token, cut to the
   last `max_length` ids; the log-probabilities of the continuation's tokens are summed in fp32
-  over the full vocabulary, and `is_greedy` says whether each was the most likely token.
+  over the full vocabulary, and `is_greedy` says whether each was the most likely token. A
+  continuation longer than `max_length` is scored in pieces of `max_length` tokens, each after
+  all that precedes it (the hf backend refuses such requests).
   Requests are sorted longest first and batched (right padding: a causal model's outputs at
   real positions do not depend on padding after them), then put back in the harness's order.
 - `loglikelihood_rolling`: the harness's own disjoint rolling windows of `max_length`, scored the
@@ -29,7 +31,6 @@ from lm_eval.api.model import TemplateLM
 from tqdm import tqdm
 
 from megatron.evaluation.replica import Replica
-from megatron.evaluation.sources import EvalTaskError
 from megatron.generation.sampling import Sampling, sample
 from megatron.parallel.comm import gather_last_dim
 from megatron.tokenizer import AbstractTokenizer
@@ -84,18 +85,26 @@ class NeoXLM(TemplateLM):
     def _score_batch(self, batch: list[tuple[list[int], list[int]]]) -> list[Scored]:
         rows = []
         for context, cont in batch:
-            if len(cont) > self.max_length:
-                raise EvalTaskError(f"a continuation of {len(cont)} tokens is longer than the model's "
-                                    f"{self.max_length} positions (max_position_embeddings); it cannot be scored")
             # The harness's hf backend: the last max_length ids of context + continuation, minus the last.
             whole = (context + cont)[-(self.max_length + 1):]
             rows.append((whole[:-1], cont))
         return self.replica.run(self._tokens([inp for inp, _ in rows]), self._score_head(rows))
 
+    def _windows(self, context: list[int], cont: list[int]) -> list[tuple[list[int], list[int]]]:
+        """A continuation longer than max_length is scored in consecutive pieces of max_length
+        tokens, each after everything before it (the hf backend refuses such a request)."""
+        tokens, start = context + cont, len(context)
+        return [(tokens[:a], tokens[a:a + self.max_length]) for a in range(start, len(tokens), self.max_length)]
+
     def _loglikelihood_tokens(self, requests: list[tuple[Any, list[int], list[int]]], disable_tqdm: bool = False,
                               **kwargs: Any) -> list[Scored]:
-        order = sorted(range(len(requests)), key=lambda i: -len(requests[i][1] + requests[i][2]))
-        pairs = [(requests[i][1], requests[i][2]) for i in order]
+        pieces, owner = [], []
+        for n, (_, context, cont) in enumerate(requests):
+            for piece in self._windows(context, cont):
+                pieces.append(piece)
+                owner.append(n)
+        order = sorted(range(len(pieces)), key=lambda i: -min(len(pieces[i][0] + pieces[i][1]), self.max_length + 1))
+        pairs = [pieces[i] for i in order]
         batches = [pairs[k:k + self.batch_size] for k in range(0, len(pairs), self.batch_size)]
         bar = tqdm(total=len(batches), desc="scoring", disable=disable_tqdm or not self.progress)
 
@@ -106,11 +115,13 @@ class NeoXLM(TemplateLM):
 
         scored = self.replica.map(batches, score)
         bar.close()
-        results: list[Scored] = [(0.0, False)] * len(requests)
-        for i, value in zip(order, scored):
-            results[i] = value
-            if requests[i][0] is not None:
-                self.cache_hook.add_partial("loglikelihood", requests[i][0], value)
+        results: list[Scored] = [(0.0, True)] * len(requests)
+        for i, (logprob, greedy) in zip(order, scored):
+            total, all_greedy = results[owner[i]]
+            results[owner[i]] = (total + logprob, all_greedy and greedy)
+        for request, value in zip(requests, results):
+            if request[0] is not None:
+                self.cache_hook.add_partial("loglikelihood", request[0], value)
         return results
 
     def loglikelihood_rolling(self, requests: list[Any], disable_tqdm: bool = False) -> list[float]:

@@ -154,6 +154,17 @@ def test_rolling_and_generation_equal_the_hf_backend(models):
     got, want = ours.loglikelihood_rolling(rolling), hf.loglikelihood_rolling(rolling)
     assert len(ours.tok_encode(docs[0])) > 2 * MAX_POSITIONS  # three windows or more
     assert max(abs(a - b) for a, b in zip(got, want)) < 1e-3 and all(a < 0 for a in got)
+    # A continuation longer than the positions: pieces of max_length, each after all before it,
+    # scored as the hf backend scores each piece.
+    short = NeoXLM(ours.replica, ours.tok, d.vocab_size, 32, batch_size=2, progress=False)
+    context, cont = "def loads(s", text[:600]
+    [(total, _)] = short.loglikelihood([Instance("loglikelihood", {}, (context, cont), 0)])
+    ctx_ids, cont_ids = short._encode_pair(context, cont)
+    assert len(cont_ids) > 3 * 32
+    pieces = [(None, (ctx_ids + cont_ids)[:a], (ctx_ids + cont_ids)[a:a + 32])
+              for a in range(len(ctx_ids), len(ctx_ids + cont_ids), 32)]
+    hf_short = HFLM(pretrained=str(models["hf"]), batch_size=2, device="cpu", dtype="float32", max_length=32)
+    assert abs(total - sum(lp for lp, _ in hf_short._loglikelihood_tokens(pieces))) < 1e-3
     gen = [Instance("generate_until", {}, (p, {"until": [stop], "max_gen_toks": 12}), i)
            for i, (p, stop) in enumerate([("def loads(s", ")"), ("import json\n", "\n"), ("class JSON", "zzz")])]
     assert ours.generate_until(gen) == hf.generate_until(gen)
@@ -188,6 +199,9 @@ def test_config_and_command_line_errors_are_one_line(models, tasks_dir, tmp_path
     assert proc.stderr.strip().splitlines()[-1] == (
         "config error: eval_tasks: unknown task 'lambda_openai'; did you mean lambada_openai? known: "
         + ", ".join(TASKS))
+    proc = run_cli("deepy.py", "--dry-run", "eval.py", model_yml, cfg, "--eval_tasks", "piqa", "sciq")
+    assert proc.returncode == 0, proc.stderr
+    assert f"-u eval.py {model_yml} {cfg} --eval_tasks piqa sciq" in proc.stdout  # what each worker is given
     proc = run_cli("eval.py", model_yml, cfg)
     assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("error: set eval_tasks")
     elsewhere = _eval_config(tmp_path, models, str(tmp_path / "none" / "eval_tasks"))
