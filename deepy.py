@@ -15,6 +15,7 @@ from pathlib import Path
 
 from megatron.config import ConfigError, NeoXConfig, load_config
 from megatron.launcher.dry_run import report
+from megatron.planning.cluster import load_cluster
 from megatron.launcher.cli import add_options, as_arguments, given
 from megatron.launcher.environment import node_layout
 from megatron.launcher.launch import launch, plan_launch
@@ -34,6 +35,8 @@ def commands(cfg: NeoXConfig, script: str, configs: list[str]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dry-run", action="store_true", help="validate and plan; launch nothing")
+    parser.add_argument("--cluster", help="with --dry-run: a cluster file (configs/clusters/) to predict step time on")
+    parser.add_argument("--search", action="store_true", help="with --dry-run --cluster: rank every layout that fits")
     parser.add_argument("script", help="the worker script, e.g. train.py")
     parser.add_argument("-d", "--conf_dir", help="directory the config files are in")
     parser.add_argument("configs", nargs="+", help="YAML config files, merged left to right")
@@ -51,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         for override in cfg.overrides:
             print(f"override {override}")
         if args.dry_run:
-            print(report(cfg))
+            print(report(cfg, load_cluster(args.cluster) if args.cluster else None, args.search))
             print(commands(cfg, args.script, args.configs + as_arguments(cli)))
             return 0
         check_launchable(cfg)

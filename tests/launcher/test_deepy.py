@@ -26,14 +26,16 @@ def test_dry_run_20b_plan():
         "vocabulary: 50,277 -> padded 50,432",
         "parameters: 20,554,567,680 (20554567680)",
         "parameters per GPU by pipeline stage: 2,646,985,728, 2,492,058,624, 2,492,058,624, 2,646,998,016",
-        "memory per GPU, heaviest stage (fp16, ZeRO-1, activation checkpointing on):",
-        "  weights                4.93 GiB",
-        "  gradients              4.93 GiB",
-        "  optimizer state        2.47 GiB",
-        "  activations            5.16 GiB   (without checkpointing: 45.38 GiB)",
-        "  logits (fp32 loss)     0.77 GiB",
-        "  total                 18.25 GiB",
-        "  fits a A100-40GB (40 GB, keeping 10% for the allocator and buffers)",
+        "memory per GPU, heaviest stage (stage 1 of 4; fp16, ZeRO-1, activation checkpointing on):",
+        "  weights                  4.93 GiB",
+        "  gradients                4.93 GiB",
+        "  optimizer state          2.47 GiB",
+        "  activations              4.12 GiB   (4 micro-batch(es) in flight; without checkpointing: 43.31 GiB)",
+        "  backward working set     1.27 GiB   (recomputed chunk and gradients in flight)",
+        "  logits and loss          0.00 GiB   (live at once with the working set: the larger counts)",
+        "  communication buckets    4.69 GiB",
+        "  total                   22.41 GiB",
+        "  fits a NVIDIA A100-SXM4-40GB (39.59 GiB, keeping 10% for the allocator and libraries: headroom 13.22 GiB)",
     ]
     lines = out.splitlines()
     start = lines.index(plan[0])
@@ -48,7 +50,7 @@ def test_dry_run_without_checkpointing_does_not_fit(tmp_path):
     proc = run_cli("deepy.py", "--dry-run", "train.py", "configs/20B.yml", "configs/local_setup.yml", str(extra))
     assert proc.returncode == 0
     assert "override checkpoint_activations: True (configs/20B.yml) -> False" in proc.stdout
-    assert "does NOT fit a A100-40GB" in proc.stdout
+    assert "does NOT fit a NVIDIA A100-SXM4-40GB" in proc.stdout
 
 
 def test_launch_checks_files_first():
