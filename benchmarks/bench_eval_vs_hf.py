@@ -41,18 +41,22 @@ from megatron.training.setup import config_tokenizer  # noqa: E402
 from tools.ckpts import convert_hf_to_neox  # noqa: E402
 
 
-def hf_checkpoint(args: argparse.Namespace, out: Path) -> None:
+def hf_checkpoint(args: argparse.Namespace, out: Path) -> int:
+    """A random GPTNeoXForCausalLM whose embedding has exactly the tokenizer's rows (extra rows
+    would get probability under transformers but none under ours); returns that vocabulary."""
     import transformers
 
-    text = "".join(Path(m.__file__).read_text() for m in (json, argparse, transformers))
-    train_bpe(iter([text[i:i + 4000] for i in range(0, len(text), 4000)]), args.vocab, str(out / "tokenizer.json"))
+    text = "".join(Path(m.__file__).read_text() for m in (json, argparse, transformers, statistics, tempfile))
+    vocab = train_bpe(iter([text[i:i + 4000] for i in range(0, len(text), 4000)]), args.vocab,
+                      str(out / "tokenizer.json"))
     config = transformers.GPTNeoXConfig(
-        vocab_size=args.vocab, hidden_size=args.hidden, num_hidden_layers=args.layers,
+        vocab_size=vocab, hidden_size=args.hidden, num_hidden_layers=args.layers,
         num_attention_heads=args.hidden // 64, intermediate_size=4 * args.hidden, max_position_embeddings=args.seq,
         rotary_pct=0.25, use_parallel_residual=True, hidden_act="gelu", tie_word_embeddings=False,
         bos_token_id=0, eos_token_id=0)
     torch.manual_seed(0)
     transformers.GPTNeoXForCausalLM(config).save_pretrained(str(out))
+    return vocab
 
 
 def ours(ckpt: Path, batch: int) -> NeoXLM:
@@ -69,7 +73,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--hidden", type=int, default=512)
     p.add_argument("--layers", type=int, default=8)
-    p.add_argument("--vocab", type=int, default=8192)
+    p.add_argument("--vocab", type=int, default=8192, help="BPE size to train (fewer if the text is short)")
     p.add_argument("--seq", type=int, default=512, help="max_position_embeddings of both models")
     p.add_argument("--tasks", nargs="+", default=["lambada_openai", "piqa"])
     p.add_argument("--limit", type=int, default=200, help="documents per task")
@@ -83,11 +87,11 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory(prefix="bench-eval-") as tmp:
         hf_dir, ckpt = Path(tmp) / "hf", Path(tmp) / "ours"
-        hf_checkpoint(args, hf_dir)
+        vocab = hf_checkpoint(args, hf_dir)
         assert convert_hf_to_neox.main(["--input", str(hf_dir), "--output", str(ckpt), "--tp", "1", "--pp", "0"]) == 0
         sides = {"ours": ours(ckpt, args.batch),
                  "hf": HFLM(pretrained=str(hf_dir), batch_size=args.batch, device="cpu", dtype="float32")}
-        print(f"model: hidden {args.hidden}, {args.layers} layers, vocabulary {args.vocab}, {args.seq} positions; "
+        print(f"model: hidden {args.hidden}, {args.layers} layers, vocabulary {vocab}, {args.seq} positions; "
               f"tasks {', '.join(args.tasks)}, {args.limit} documents each, batch {args.batch}; "
               f"threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.2f}", flush=True)
         times: dict[str, list[float]] = {name: [] for name in sides}
