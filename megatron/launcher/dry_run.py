@@ -49,7 +49,10 @@ def _memory_lines(cfg: NeoXConfig, lay: Layout, mem: MemoryPlan) -> list[str]:
         f"in flight; without checkpointing: {_gib(mem.activations_no_ckpt).strip()})",
         f"  backward working set {_gib(mem.working)}   (recomputed chunk and gradients in flight)",
         f"  logits and loss      {_gib(mem.logits)}   (live at once with the working set: the larger counts)",
-        f"  communication buckets{_gib(mem.buckets)}",
+        f"  pipeline buffers     {_gib(mem.pipe_buffers)}   (the pipeline engine's send/receive and output buffers)",
+        f"  communication buckets{_gib(mem.buckets)}" + ("" if mem.buckets_in_backward else
+                                                       "   (used after the backward only: the larger of them and "
+                                                       "activations + working set counts)"),
         f"  total                {_gib(mem.total)}",
     ]
 

@@ -69,6 +69,8 @@ class Layout:
     precision: str
     reduce_bucket: int  # DeepSpeed's reduce_bucket_size (elements)
     overlap_comm: bool
+    # ZeRO's contiguous_gradients: gradients are copied into a bucket as backward produces them.
+    contiguous_gradients: bool = False
     # Interleaved 1F1B (Megatron-LM's virtual pipeline stages). This framework runs 1 (DeepSpeed's
     # 1F1B); published runs that interleaved enter the step-time model through it.
     virtual_stages: int = 1
@@ -129,6 +131,7 @@ def layout_of(cfg: NeoXConfig) -> Layout:
         checkpoint_num_layers=t.checkpoint_num_layers, sequence_parallel=p.sequence_parallel and p.model_parallel_size > 1,
         partition_activations=t.partition_activations, precision=d.precision,
         reduce_bucket=z.reduce_bucket_size, overlap_comm=z.overlap_comm,
+        contiguous_gradients=z.contiguous_gradients,
     )
 
 
@@ -198,6 +201,28 @@ def logits_bytes(shape: ModelShape, lay: Layout) -> int:
     return tokens * (shape.padded_vocab(lay.tp) // lay.tp * 12 + 2 * shape.hidden * elem)
 
 
+def pipe_buffer_bytes(shape: ModelShape, lay: Layout, stage: int) -> int:
+    """What DeepSpeed's pipeline engine keeps referenced between and during steps on one stage
+    (measured in tests/planning on two stages): it has max(2, min(p - i, m)) pipe buffers. A stage
+    that receives activations keeps its receive buffer and, per pipe buffer, the input (which
+    requires grad) and its gradient; one that sends activations keeps the buffer the returning
+    gradient arrives in; these are full [b, s, h] tensors (the engine sends them unsplit). The
+    last stage keeps each buffer's output, the logits [b, s, V/t], after the loss's backward."""
+    if lay.pp == 1:
+        return 0
+    elem = 2 if lay.half else 4
+    buffers = max(2, min(lay.pp - stage, lay.grad_accum))
+    activation = shape.seq * lay.micro_batch * shape.hidden * elem
+    n = 0
+    if stage > 0:
+        n += (1 + 2 * buffers) * activation
+    if stage < lay.pp - 1:
+        n += activation
+    else:
+        n += buffers * shape.seq * lay.micro_batch * (shape.padded_vocab(lay.tp) // lay.tp) * elem
+    return n
+
+
 @dataclass(frozen=True)
 class MemoryPlan:
     stage: int  # the heaviest stage
@@ -210,6 +235,10 @@ class MemoryPlan:
     working: int  # backward's working set: the recomputed chunk and the gradients in flight
     logits: int  # logits and loss (last stage)
     buckets: int
+    pipe_buffers: int  # DeepSpeed's pipeline engine's buffers, alive between steps
+    # Whether the buckets are live during backward (DeepSpeed's gradient hooks fill them) or only
+    # in the reduction after the last backward, when activations and logits are freed.
+    buckets_in_backward: bool = True
 
     @property
     def peak_activity(self) -> int:
@@ -219,13 +248,19 @@ class MemoryPlan:
 
     @property
     def total(self) -> int:
-        return self.weights + self.gradients + self.optimizer + self.activations + self.peak_activity + self.buckets
+        state = self.weights + self.gradients + self.optimizer + self.pipe_buffers
+        backward = self.activations + self.peak_activity
+        if self.buckets_in_backward:
+            return state + backward + self.buckets
+        return state + max(backward, self.buckets)
 
 
 def _stage_memory(shape: ModelShape, lay: Layout, stage: int, params: int, layers: int) -> MemoryPlan:
     wbytes = 2 if lay.half else 4
-    # fp32 master copy + Adam m and v in mixed precision; m and v alone in fp32.
-    obytes = 12 if lay.half else 8
+    # fp32 master copy + Adam m and v in mixed precision; m and v alone in fp32 without ZeRO (torch's
+    # Adam updates the model's own weights). ZeRO's optimizer clones its partition of the weights
+    # into an fp32 master copy in fp32 too (DeepSpeed's single_partition_of_fp32_groups), so 12.
+    obytes = 12 if lay.half or lay.zero_stage >= 1 else 8
     dp = lay.dp
     weights = params * wbytes // (dp if lay.zero_stage >= 3 else 1)
     grads = params * wbytes // (dp if lay.zero_stage >= 2 else 1)
@@ -244,25 +279,34 @@ def _stage_memory(shape: ModelShape, lay: Layout, stage: int, params: int, layer
     working = backward_transient_bytes(shape, lay) + (full * min(c, layers) if lay.checkpoint else 0)
     logits = logits_bytes(shape, lay) if stage == lay.pp - 1 else 0
     # DeepSpeed reduces gradients over data parallelism through a bucket of reduce_bucket_size
-    # elements, two with overlap_comm (one fills while the other is reduced).
+    # elements, two with overlap_comm (one fills while the other is reduced). ZeRO 2, overlap_comm
+    # or contiguous_gradients register gradient hooks that fill the bucket during backward; ZeRO-1
+    # without them reduces after the last backward, flattening each bucket's gradients into a
+    # temporary while no activation is live (measured: tests/planning, DP 2 with ZeRO-1).
     buckets = 0
     if dp > 1 and lay.zero_stage >= 1:
         buckets = min(lay.reduce_bucket, params) * wbytes * (2 if lay.overlap_comm else 1)
+    in_backward = lay.zero_stage >= 2 or lay.overlap_comm or lay.contiguous_gradients
     return MemoryPlan(
         stage=stage, stage_parameters=[], weights=weights, gradients=grads, optimizer=optim,
         activations=ckpt if lay.checkpoint else no_ckpt, activations_no_ckpt=no_ckpt, working=working,
-        logits=logits, buckets=buckets,
+        logits=logits, buckets=buckets, pipe_buffers=pipe_buffer_bytes(shape, lay, stage),
+        buckets_in_backward=in_backward,
     )
+
+
+def stage_plans(shape: ModelShape, lay: Layout) -> list[MemoryPlan]:
+    """Bytes per device of every pipeline stage, in stage order."""
+    params = stage_parameters(shape, lay.tp, lay.pp)
+    ranges = stage_layer_ranges(shape.num_layers, lay.pp)
+    return [replace(_stage_memory(shape, lay, s, params[s], len(ranges[s])), stage_parameters=params)
+            for s in range(lay.pp)]
 
 
 def memory_plan(shape: ModelShape, lay: Layout) -> MemoryPlan:
     """Bytes per device for the heaviest pipeline stage: the first holds the most micro-batches'
     activations, the last the output layer and the logits; whichever totals more is reported."""
-    params = stage_parameters(shape, lay.tp, lay.pp)
-    ranges = stage_layer_ranges(shape.num_layers, lay.pp)
-    plans = [_stage_memory(shape, lay, s, params[s], len(ranges[s])) for s in range(lay.pp)]
-    worst = max(plans, key=lambda p: p.total)
-    return replace(worst, stage_parameters=params)
+    return max(stage_plans(shape, lay), key=lambda p: p.total)
 
 
 def plan_config(cfg: NeoXConfig) -> tuple[ModelShape, Layout, MemoryPlan]:
