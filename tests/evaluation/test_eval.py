@@ -149,7 +149,8 @@ def test_rolling_and_generation_equal_the_hf_backend(models):
                   batch_size=2, progress=False)
     hf = HFLM(pretrained=str(models["hf"]), batch_size=2, device="cpu", dtype="float32")
     text = Path(json.__file__).read_text()
-    docs = [text[:3000], text[5000:5400], "x"]
+    requests = _rolling_and_generation_requests()
+    docs = requests["rolling"]
     rolling = [Instance("loglikelihood_rolling", {}, (t,), i) for i, t in enumerate(docs)]
     got, want = ours.loglikelihood_rolling(rolling), hf.loglikelihood_rolling(rolling)
     assert len(ours.tok_encode(docs[0])) > 2 * MAX_POSITIONS  # three windows or more
@@ -166,8 +167,40 @@ def test_rolling_and_generation_equal_the_hf_backend(models):
     hf_short = HFLM(pretrained=str(models["hf"]), batch_size=2, device="cpu", dtype="float32", max_length=32)
     assert abs(total - sum(lp for lp, _ in hf_short._loglikelihood_tokens(pieces))) < 1e-3
     gen = [Instance("generate_until", {}, (p, {"until": [stop], "max_gen_toks": 12}), i)
-           for i, (p, stop) in enumerate([("def loads(s", ")"), ("import json\n", "\n"), ("class JSON", "zzz")])]
+           for i, (p, stop) in enumerate(requests["generate"])]
     assert ours.generate_until(gen) == hf.generate_until(gen)
+
+
+def _rolling_and_generation_requests() -> dict:
+    text = Path(json.__file__).read_text()
+    return {"rolling": [text[:3000], text[5000:5400], "x"],
+            "generate": [("def loads(s", ")"), ("import json\n", "\n"), ("class JSON", "zzz")]}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", [{"model_parallel_size": 2, "pipe_parallel_size": 2},
+                                    {"model_parallel_size": 1, "pipe_parallel_size": 2}], ids=["tp2xpp2", "pp2xdp2"])
+def test_rolling_and_generation_through_a_pipeline_equal_the_hf_backend(models, layout, tmp_path):
+    """The same requests at TP2 x PP2 and at PP2 x two data-parallel replicas (4 gloo processes):
+    activations cross the pipeline, scores and chosen tokens come back from the last stage."""
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    from evaluation.eval_workers import rolling_and_generation
+    from helpers import run_distributed
+
+    requests = _rolling_and_generation_requests()
+    out = tmp_path / "answers.json"
+    run_distributed(rolling_and_generation, 4, str(models["ours"] / "model.yml"),
+                    {**layout, "eval_tasks_batch_size": 2}, requests, str(out))
+    got = json.loads(out.read_text())
+    hf = HFLM(pretrained=str(models["hf"]), batch_size=2, device="cpu", dtype="float32")
+    want = hf.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (t,), i)
+                                     for i, t in enumerate(requests["rolling"])])
+    assert max(abs(a - b) for a, b in zip(got["rolling"], want)) < 1e-3
+    assert got["generated"] == hf.generate_until(
+        [Instance("generate_until", {}, (p, {"until": [s], "max_gen_toks": 12}), i)
+         for i, (p, s) in enumerate(requests["generate"])])
 
 
 def test_prepared_documents_and_their_errors(tasks_dir, tmp_path, monkeypatch):
