@@ -36,6 +36,29 @@ def tiny_config(tmp_path: Path, data_prefix: str, name: str = "run", **overrides
     return str(path)
 
 
+def save_random_gpt_neox(out: Path, text: str, vocab: int, max_positions: int, std: float) -> int:
+    """A GPTNeoXForCausalLM (hidden 64, 2 layers, parallel residual, rotary on half the head) with
+    random weights everywhere (norms around 1, biases too), saved in `out` with a BPE tokenizer
+    trained on `text` to at most `vocab` entries (eod 0); returns the tokenizer's size."""
+    import torch
+    import transformers
+
+    from megatron.tokenizer.train import train_bpe
+
+    size = train_bpe(iter([text[i:i + 2000] for i in range(0, len(text), 2000)]), vocab, str(out / "tokenizer.json"))
+    config = transformers.GPTNeoXConfig(
+        vocab_size=vocab, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=192,
+        max_position_embeddings=max_positions, rotary_pct=0.5, rotary_emb_base=5000, use_parallel_residual=True,
+        hidden_act="gelu_fast", tie_word_embeddings=False, layer_norm_eps=1e-6, bos_token_id=0, eos_token_id=0)
+    torch.manual_seed(0)
+    model = transformers.GPTNeoXForCausalLM(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.normal_(1.0 if "norm.weight" in name else 0.0, std)
+    model.save_pretrained(str(out))
+    return size
+
+
 def run_cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(ROOT), WANDB_MODE="offline")
     env.setdefault("OMP_NUM_THREADS", "1")

@@ -19,7 +19,6 @@ import time
 from datetime import datetime
 from typing import Any
 
-import torch
 import torch.distributed as dist
 from torch import nn
 
@@ -29,7 +28,7 @@ from megatron.launcher.cli import split_worker_argv
 from megatron.parallel.device import local_device
 from megatron.parallel.groups import ParallelGroups
 from megatron.tokenizer import AbstractTokenizer
-from megatron.training.setup import DTYPES, init_distributed, shutdown_distributed, worker_config
+from megatron.training.setup import init_distributed, load_for_inference, shutdown_distributed, worker_config
 
 BOOTSTRAP_ITERS = 10_000
 
@@ -81,31 +80,19 @@ class TaskEvaluator:
 
 def build_model(cfg: NeoXConfig, groups: ParallelGroups) -> nn.Module:
     """The model as training lays it out, with the weights of `load` (initial ones without)."""
-    from megatron.checkpointing.loading import load_model_weights
     from megatron.model.gpt import GPTModel, layer_defs
     from megatron.model.loss import loss_function
     from megatron.parallel.pipeline import to_pipeline_module
 
-    d, device = cfg.derived, local_device()
+    d = cfg.derived
     defs = layer_defs(cfg.model, d.padded_vocab_size, d.intermediate_size, d.max_position_embeddings,
-                      cfg.training.seed, device=device, tp=groups.tensor, vocab_size=d.vocab_size)
+                      cfg.training.seed, device=local_device(), tp=groups.tensor, vocab_size=d.vocab_size)
     if d.pipelined:
         module = to_pipeline_module(defs, cfg.parallel, cfg.training, d.pipe_stages, d.data_parallel_size,
                                     loss_function(groups.tensor), mpu=groups)
     else:
         module = GPTModel(defs)
-    if cfg.checkpoint.load:
-        iteration = load_model_weights(module, cfg.checkpoint.load, cfg, groups.tensor)
-        _print(f"loaded the weights of iteration {iteration} from {cfg.checkpoint.load}")
-    else:
-        _print(f"warning: `load` is not set: evaluating the initial weights of seed {cfg.training.seed}")
-    dtype = DTYPES[d.precision] if device.type == "cuda" else torch.float32  # the CPU evaluates in fp32
-    return module.to(dtype).eval()
-
-
-def _print(text: str) -> None:
-    if dist.get_rank() == 0:
-        print(text, flush=True)
+    return load_for_inference(module, cfg, groups, "evaluating")
 
 
 def write_results(results: dict[str, Any], prefix: str) -> tuple[str, str]:

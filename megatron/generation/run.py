@@ -29,7 +29,7 @@ from megatron.parallel.device import local_device
 from megatron.parallel.groups import ParallelGroups
 from megatron.launcher.environment import node_layout, world_size
 from megatron.tokenizer import AbstractTokenizer
-from megatron.training.setup import DTYPES, config_tokenizer, init_distributed, shutdown_distributed
+from megatron.training.setup import config_tokenizer, init_distributed, load_for_inference, shutdown_distributed
 
 Record = dict[str, object]
 
@@ -90,16 +90,7 @@ def build_model(cfg: NeoXConfig, groups: ParallelGroups, device: torch.device) -
     d = cfg.derived
     defs = layer_defs(cfg.model, d.padded_vocab_size, d.intermediate_size, d.max_position_embeddings,
                       cfg.training.seed, device=device, tp=groups.tensor, vocab_size=d.vocab_size)
-    model = GPTModel(defs)
-    if cfg.checkpoint.load:
-        from megatron.checkpointing.loading import load_model_weights  # only runs with `load` need the readers
-
-        iteration = load_model_weights(model, cfg.checkpoint.load, cfg, groups.tensor)
-        _print(f"loaded the weights of iteration {iteration} from {cfg.checkpoint.load}")
-    else:
-        _print(f"warning: `load` is not set: generating from the initial weights of seed {cfg.training.seed}")
-    dtype = DTYPES[d.precision] if device.type == "cuda" else torch.float32
-    return model.to(dtype).eval()
+    return load_for_inference(GPTModel(defs), cfg, groups, "generating")
 
 
 def _print(text: str) -> None:

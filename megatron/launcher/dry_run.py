@@ -12,7 +12,7 @@ from pathlib import Path
 
 from megatron.config import NeoXConfig
 from megatron.planning.cluster import Cluster, load_cluster
-from megatron.planning.memory import Layout, MemoryPlan, ModelShape, plan_config
+from megatron.planning.memory import Layout, MemoryPlan, plan_config
 from megatron.planning.search import RESERVE, fits, search, table, usable_bytes
 from megatron.planning.step_time import StepTime, step_time, throughput
 
@@ -31,7 +31,7 @@ def _gib(n: float) -> str:
     return f"{n / GiB:8.2f} GiB"
 
 
-def _memory_lines(cfg: NeoXConfig, lay: Layout, mem: MemoryPlan) -> list[str]:
+def _memory_lines(lay: Layout, mem: MemoryPlan) -> list[str]:
     ckpt = "on" if lay.checkpoint else "off"
     extras = []
     if lay.sequence_parallel:
@@ -64,8 +64,7 @@ def _fit_line(mem: MemoryPlan, cluster: Cluster) -> str:
             f"and libraries: headroom {headroom / GiB:.2f} GiB)")
 
 
-def _time_lines(cfg: NeoXConfig, shape: ModelShape, lay: Layout, mem: MemoryPlan, cluster: Cluster,
-                st: StepTime) -> list[str]:
+def _time_lines(cfg: NeoXConfig, lay: Layout, mem: MemoryPlan, cluster: Cluster, st: StepTime) -> list[str]:
     tput = throughput(st, lay.world, cluster)
     nodes = -(-lay.world // cluster.gpus_per_node)
     lines = [
@@ -122,7 +121,7 @@ def report(cfg: NeoXConfig, cluster: Cluster | None = None, search_layouts: bool
         f"parameters: {shape.total_parameters:,} ({shape.total_parameters})",
         "parameters per GPU by pipeline stage: " + ", ".join(f"{n:,}" for n in mem.stage_parameters),
     ]
-    lines += _memory_lines(cfg, lay, mem)
+    lines += _memory_lines(lay, mem)
     if cluster is None:
         lines += [_fit_line(mem, load_cluster(CLUSTERS / name)) for name in FIT_CHECKS]
         lines.append("step time: name the machines with --cluster FILE (configs/clusters/)")
@@ -134,5 +133,5 @@ def report(cfg: NeoXConfig, cluster: Cluster | None = None, search_layouts: bool
         lines.append(f"layouts of {lay.world} GPUs on {cluster.name}, fastest first (global batch "
                      f"{d.train_batch_size} x {cfg.model.seq_length} tokens kept):")
         lines.append(table(search(shape, lay, cluster), lay, cluster))
-    lines += _time_lines(cfg, shape, lay, mem, cluster, st)
+    lines += _time_lines(cfg, lay, mem, cluster, st)
     return "\n".join(lines)

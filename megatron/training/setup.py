@@ -103,6 +103,24 @@ def config_tokenizer(cfg: NeoXConfig) -> AbstractTokenizer:
     return tok
 
 
+def load_for_inference(module: torch.nn.Module, cfg: NeoXConfig, groups: ParallelGroups, doing: str) -> torch.nn.Module:
+    """`load`'s weights in `module` (any stored layout), or the seeded initial ones with a warning
+    as GPT-NeoX does; cast to the run's precision on GPUs, fp32 on the CPU; in eval mode. Rank 0
+    says which; `doing` completes "... from the initial weights" ("generating", "evaluating")."""
+    from megatron.checkpointing.loading import load_model_weights  # only runs with `load` need the readers
+
+    rank0 = dist.get_rank() == 0
+    if cfg.checkpoint.load:
+        iteration = load_model_weights(module, cfg.checkpoint.load, cfg, groups.tensor)
+        if rank0:
+            print(f"loaded the weights of iteration {iteration} from {cfg.checkpoint.load}", flush=True)
+    elif rank0:
+        print(f"warning: `load` is not set: {doing} from the initial weights of seed {cfg.training.seed}", flush=True)
+    device = next(module.parameters()).device
+    dtype = DTYPES[cfg.derived.precision] if device.type == "cuda" else torch.float32
+    return module.to(dtype).eval()
+
+
 def worker_config(paths: list[str], cli: dict[str, Any] | None = None,
                   training: bool = True) -> tuple[NeoXConfig, AbstractTokenizer]:
     """The config as this process sees it: world size from the launcher, vocab from the tokenizer.
@@ -213,7 +231,8 @@ def build_run(cfg: NeoXConfig) -> RunState:
                           gated=m.activation in GATED_ACTIVATIONS,
                           kv_hidden_size=d.num_kv_heads * m.hidden_size // m.num_attention_heads)
     peak = device_peak_flops(device, DTYPES[d.precision])
-    tok = config_tokenizer(cfg)
+    needs_tokenizer = cfg.training.eod_mask_loss or cfg.evaluation.eval_tasks
+    tok = config_tokenizer(cfg) if needs_tokenizer else None
     mask_token = tok.eod if cfg.training.eod_mask_loss else None
     tasks = None
     if cfg.evaluation.eval_tasks:

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from helpers import metrics, run_cli, tiny_config
+from helpers import metrics, run_cli, save_random_gpt_neox, tiny_config
 from neox_checkpoint import write_neox_checkpoint
 from megatron.checkpointing import hf as hf_map
 from megatron.checkpointing.loading import load_weights, local_layers
@@ -25,7 +25,6 @@ from megatron.config.schema import ModelConfig
 from megatron.model import GPTModel, layer_defs
 from megatron.parallel.groups import SINGLE
 from megatron.tokenizer import build_tokenizer, pad_vocab_size
-from megatron.tokenizer.train import train_bpe
 from megatron.training.setup import build_data
 from tools.ckpts import convert_hf_to_neox, convert_neox_to_hf
 
@@ -143,19 +142,7 @@ def hf_model(tmp_path_factory) -> Path:
     """A saved GPTNeoXForCausalLM with random weights everywhere (norms and biases too) and a
     300-entry BPE tokenizer (eod 0): its vocabulary needs padding at TP2."""
     out = tmp_path_factory.mktemp("hf") / "source"
-    text = Path(json.__file__).read_text()
-    assert train_bpe(iter([text[i:i + 2000] for i in range(0, len(text), 2000)]), 300,
-                     str(out / "tokenizer.json")) == 300
-    config = transformers.GPTNeoXConfig(
-        vocab_size=300, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=192,
-        max_position_embeddings=128, rotary_pct=0.5, rotary_emb_base=5000, use_parallel_residual=True,
-        hidden_act="gelu_fast", tie_word_embeddings=False, layer_norm_eps=1e-6, bos_token_id=0, eos_token_id=0)
-    torch.manual_seed(0)
-    model = transformers.GPTNeoXForCausalLM(config)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.normal_(1.0 if "norm.weight" in name else 0.0, 0.1)
-    model.save_pretrained(str(out))
+    assert save_random_gpt_neox(out, Path(json.__file__).read_text(), 300, max_positions=128, std=0.1) == 300
     return out
 
 

@@ -11,14 +11,12 @@ import math
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
-from helpers import metrics, run_cli, tiny_config
+from helpers import metrics, run_cli, save_random_gpt_neox, tiny_config
 from megatron.evaluation import sources
 from megatron.evaluation.sources import TASKS, EvalTaskError, prepare_eval_tasks
 from megatron.evaluation.tasks import load_tasks
-from megatron.tokenizer.train import train_bpe
 from tools.ckpts import convert_hf_to_neox, convert_neox_to_hf
 
 transformers = pytest.importorskip("transformers")
@@ -44,18 +42,7 @@ def models(tmp_path_factory) -> dict[str, Path]:
     tmp = tmp_path_factory.mktemp("models")
     src = tmp / "hf_source"
     text = Path(json.__file__).read_text() + Path(transformers.__file__).read_text()
-    assert train_bpe(iter([text[i:i + 2000] for i in range(0, len(text), 2000)]), 512,
-                     str(src / "tokenizer.json")) == 512
-    config = transformers.GPTNeoXConfig(
-        vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=192,
-        max_position_embeddings=MAX_POSITIONS, rotary_pct=0.5, rotary_emb_base=5000, use_parallel_residual=True,
-        hidden_act="gelu_fast", tie_word_embeddings=False, layer_norm_eps=1e-6, bos_token_id=0, eos_token_id=0)
-    torch.manual_seed(0)
-    model = transformers.GPTNeoXForCausalLM(config)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.normal_(1.0 if "norm.weight" in name else 0.0, 0.05)
-    model.save_pretrained(str(src))
+    assert save_random_gpt_neox(src, text, 512, max_positions=MAX_POSITIONS, std=0.05) == 512
     ours = tmp / "ours"
     assert convert_hf_to_neox.main(["--input", str(src), "--output", str(ours), "--tp", "1", "--pp", "1"]) == 0
     hf = tmp / "hf"
